@@ -1,0 +1,104 @@
+"""Accumulated vs single-batch gradients, measured against a float64 reference."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from .collate import pad_collate
+from .losses import detect_task
+from .precision import Precision
+from .window import accumulate_gradients, default_forward
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """Split a sequence into `parts` contiguous chunks whose sizes differ by at most one."""
+    if not 1 <= parts <= len(items):
+        raise ValueError(f"cannot split {len(items)} examples into {parts} micro-batches")
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(list(items[start:end]))
+        start = end
+    return chunks
+
+
+def gradient_vector(model: torch.nn.Module) -> torch.Tensor:
+    """All parameter gradients flattened into one float64 vector (zeros where None)."""
+    return torch.cat([
+        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten()
+        for p in model.parameters()
+    ])
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def window_gradient(
+    model: torch.nn.Module, examples: Sequence[dict], k: int, *, task: str,
+    precision: str = "fp64", normalization: str = "tokens", pad_token_id: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Gradient of one window of `examples` split into k padded micro-batches, as a vector.
+
+    The model is copied and cast to the precision's parameter dtype, so the caller's model is
+    left untouched. bf16/fp16 run under autocast (fp16 without loss scaling).
+    """
+    prec = Precision(precision, torch.device(device))
+    net = copy.deepcopy(model).to(device=device, dtype=prec.param_dtype)
+    net.zero_grad(set_to_none=True)
+    batches = [pad_collate(chunk, pad_token_id) for chunk in split_evenly(examples, k)]
+
+    def forward(m, batch):
+        with prec.autocast():
+            return default_forward(m, batch)
+
+    accumulate_gradients(net, batches, task=task, normalization=normalization, forward=forward)
+    return gradient_vector(net)
+
+
+def compare_gradients(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    ks: Sequence[int] = (1, 2, 4, 8),
+    precisions: Sequence[str] = ("fp64", "fp32"),
+    *,
+    task: str | None = None,
+    normalization: str = "tokens",
+    pad_token_id: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """One record per (precision, k): how far k accumulated micro-batches are from one batch.
+
+    Each record holds `vs_single` (accumulated vs the single batch in the same precision),
+    `vs_fp64` (accumulated vs the float64 single-batch gradient) and `single_vs_fp64` (that
+    precision's own error): accumulation is harmless when `vs_single` is no larger than
+    `single_vs_fp64`. Dropout should be off: masks differ between micro-batches and one batch.
+    """
+    task = task or detect_task(model)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    common = dict(task=task, normalization=normalization, pad_token_id=pad_token_id,
+                  device=device)
+    reference = window_gradient(model, examples, 1, precision="fp64", **common)
+    records = []
+    for precision in precisions:
+        single = window_gradient(model, examples, 1, precision=precision, **common)
+        single_err = relative_difference(single, reference)
+        for k in ks:
+            accumulated = window_gradient(model, examples, k, precision=precision, **common)
+            records.append({
+                "precision": precision,
+                "k": k,
+                "examples": len(examples),
+                "vs_single": relative_difference(accumulated, single),
+                "vs_fp64": relative_difference(accumulated, reference),
+                "single_vs_fp64": single_err,
+            })
+    return records

@@ -1,0 +1,97 @@
+"""Losses computed from logits with sum reduction, so that accumulation can divide by a global count.
+
+A `transformers` model averages its own loss in ways that differ by model (BERT heads ignore
+`num_items_in_batch`, causal-LM losses upcast float64 logits to float32). accumlab never uses
+`outputs.loss`: it takes `outputs.logits` and sums the per-item losses itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+TASKS = ("causal_lm", "masked_lm", "classification")
+NORMALIZATIONS = ("tokens", "samples", "mean_of_means")
+
+
+def detect_task(model: torch.nn.Module) -> str:
+    """Guess the task of a model from its class name: causal_lm, masked_lm or classification."""
+    module = getattr(model, "module", model)  # DDP
+    module = getattr(module, "_orig_mod", module)  # torch.compile
+    name = type(module).__name__
+    if "SequenceClassification" in name or name.endswith("Classifier"):
+        return "classification"
+    if "MaskedLM" in name or "ForPreTraining" in name:
+        return "masked_lm"
+    if "CausalLM" in name or "LMHead" in name:
+        return "causal_lm"
+    task = getattr(module, "accumlab_task", None)
+    if task in TASKS:
+        return task
+    raise ValueError(
+        f"cannot tell the task of a {name}: pass task='causal_lm', 'masked_lm' or "
+        "'classification' (TrainConfig.task), or set model.accumlab_task"
+    )
+
+
+def aligned_labels(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Labels lined up with the positions that predict them (causal LM shifts by one)."""
+    if task == "causal_lm":
+        return labels[..., 1:]
+    return labels
+
+
+def count_items(labels: torch.Tensor, task: str, normalization: str = "tokens") -> int:
+    """Loss-bearing items in a micro-batch: label tokens after the shift, or sequences/examples.
+
+    For `samples` normalisation of a language model an item is a sequence with at least one
+    label; for classification every labelled example is one item in every mode.
+    """
+    valid = aligned_labels(labels, task) != IGNORE_INDEX
+    if normalization == "samples" and task != "classification":
+        return int(valid.reshape(valid.shape[0], -1).any(dim=1).sum())
+    return int(valid.sum())
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+def per_item_losses(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy of every position (zero where the label is -100), shaped like the labels."""
+    labels = aligned_labels(labels, task).to(logits.device)
+    if task == "causal_lm":
+        logits = logits[..., :-1, :]
+    logits = logits.to(_compute_dtype(logits))
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return flat.reshape(labels.shape)
+
+
+def summed_loss(
+    logits: torch.Tensor, labels: torch.Tensor, task: str, normalization: str = "tokens"
+) -> torch.Tensor:
+    """Sum of item losses in one micro-batch (per-sequence means summed, for `samples` LM).
+
+    Dividing this by the window's item count gives the micro-batch's share of L_W.
+    """
+    losses = per_item_losses(logits, labels, task)
+    if normalization == "samples" and task != "classification":
+        valid = aligned_labels(labels, task).to(losses.device) != IGNORE_INDEX
+        per_seq_tokens = valid.reshape(valid.shape[0], -1).sum(dim=1)
+        per_seq_sum = losses.reshape(losses.shape[0], -1).sum(dim=1)
+        return (per_seq_sum / per_seq_tokens.clamp(min=1)).sum()
+    return losses.sum()
+
+
+def mean_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Mean item loss of one batch (the loss a plain, non-accumulating step would use)."""
+    n = count_items(labels, task)
+    if n == 0:
+        raise ValueError("every label in this batch is -100: there is no loss to average")
+    return summed_loss(logits, labels, task) / n
