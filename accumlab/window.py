@@ -182,7 +182,7 @@ class Window:
                 share = share / distributed.world_size()
         else:
             share = total / self.n_items
-        detached = share.detach().float()
+        detached = share.detach()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         # DDP averages gradients over ranks; N is already global, so undo that average.
         return share * distributed.world_size() if distributed.is_distributed() else share
