@@ -381,9 +381,9 @@ def _log(cfg: TrainConfig, main: bool, entry: dict, bar) -> None:
     if not main:
         return
     if bar is not None:
-        bar.update(0 if entry["skipped"] else 1)
         bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
                         tok_s=f"{entry['tokens_per_s']:,.0f}", refresh=False)
+        bar.update(0 if entry["skipped"] else 1)
     if cfg.run_dir:
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(Path(cfg.run_dir) / "history.jsonl", "a") as f:
