@@ -78,6 +78,7 @@ def train(
     """
     cfg = config
     _check_data(train_data, cfg)
+    distributed.init_from_env()  # under torchrun: join the process group
     device = resolve_device(cfg.device)
     precision = Precision(cfg.precision, device)
     precision.apply_matmul_settings()
@@ -125,7 +126,8 @@ def train(
               f"{effective} sequences ~ {effective * mean_len:,.0f} tokens "
               f"(mean length {mean_len:.1f}); {total_steps} optimizer steps")
     _notify(callbacks, "on_train_begin", {"total_steps": total_steps, "task": task,
-                                          "effective_batch": effective, "config": cfg})
+                                          "effective_batch": effective, "config": cfg,
+                                          "model": net, "optimizer": optimizer})
     bar = _progress_bar(cfg, main, total_steps, step)
     stopped_early = False
     if device.type == "cuda":
