@@ -214,6 +214,14 @@ def load_checkpoint(
     return state
 
 
+def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> dict:
+    """Load only a checkpoint's weights (e.g. `checkpoint_dir/best`) into `model`.
+
+    Checks the checksums and parameter shapes; returns the JSON state (step, metrics...).
+    """
+    return load_checkpoint(path, model=model, restore_rng=False)
+
+
 def _normalise(value):
     return list(value) if isinstance(value, tuple) else value
 

@@ -22,7 +22,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         hint = str(hints[f.name])
-        if f.name == "betas":
+        if f.name == "eval_every":
+            group.add_argument(flag, type=_steps_or_epoch, default=None)
+        elif f.name == "betas":
             group.add_argument(flag, type=float, nargs=2, default=None)
         elif "bool" in hint:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
@@ -40,6 +42,10 @@ def _none_or(kind):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _steps_or_epoch(text: str):
+    return "epoch" if text == "epoch" else int(text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

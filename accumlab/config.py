@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     task: str = "auto"
-    eval_every: int | None = None
+    eval_every: int | str | None = None  # optimizer steps, or "epoch"
     eval_batch_size: int | None = None
     eval_metric: str = "loss"
     early_stopping_patience: int | None = None
@@ -90,8 +90,9 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.clip_grad_norm must be > 0 or None (off), got {self.clip_grad_norm}"
             )
-        for name in ("eval_every", "checkpoint_every", "early_stopping_patience",
-                     "eval_batch_size"):
+        if self.eval_every is not None and self.eval_every != "epoch":
+            _positive_int(self, "eval_every", "optimizer steps between evaluations, or 'epoch'")
+        for name in ("checkpoint_every", "early_stopping_patience", "eval_batch_size"):
             if getattr(self, name) is not None:
                 _positive_int(self, name, "or None to turn it off")
         if self.checkpoint_every is not None and self.checkpoint_dir is None:

@@ -167,7 +167,8 @@ def train(
                 if not record.stepped:
                     entry["skipped_reason"] = record.skipped_reason
                 history.append(entry)
-                if cfg.eval_every and eval_data is not None and step % cfg.eval_every == 0:
+                epoch_end = windows_done == per_epoch
+                if eval_data is not None and _eval_due(cfg.eval_every, step, epoch_end):
                     metrics = _evaluate(net, eval_data, task, cfg, device, precision, pad_id)
                     entry["eval"] = metrics
                     improved = tracker.update(step, metrics)
@@ -288,6 +289,12 @@ def suggest_split(micro_batch_size: int, accum_steps: int, step: int = 0) -> str
                 f"it finer: micro_batch_size={micro}, accum_steps={k}")
     return (f"out of GPU memory {where}even micro_batch_size=1 does not fit: shorten the "
             "sequences, use precision='bf16', or enable activation checkpointing")
+
+
+def _eval_due(every, step: int, epoch_end: bool) -> bool:
+    if every == "epoch":
+        return epoch_end
+    return bool(every) and step % every == 0
 
 
 def _evaluate(net, data, task, cfg, device, precision, pad_id) -> dict:

@@ -198,3 +198,21 @@ def test_bf16_and_fp16_train_and_keep_float32_parameters():
         result = accumlab.train(model, random_lm_data(8, seed=30, max_len=10), cfg)
         assert next(model.parameters()).dtype == torch.float32
         assert all(math.isfinite(r["loss"]) for r in result.history)
+
+
+def test_eval_every_epoch_and_best_weights_reload(tmp_path):
+    from accumlab.checkpoint import load_weights
+    from accumlab.evaluation import evaluate
+
+    train_data, dev = random_cls_data(32, seed=31), random_cls_data(12, seed=32)
+    cfg = TrainConfig(micro_batch_size=4, accum_steps=2, epochs=3, lr=1e-2, eval_every="epoch",
+                      eval_metric="accuracy", progress=False, checkpoint_dir=str(tmp_path))
+    result = accumlab.train(make_model("bert", "tiny", num_labels=3), train_data, cfg,
+                            eval_data=dev)
+    assert [e["step"] for e in result.evals] == [4, 8, 12]  # 4 windows per epoch
+    fresh = make_model("bert", "tiny", num_labels=3, seed=7)
+    state = load_weights(tmp_path / "best", fresh)
+    assert state["step"] == result.best_step
+    again = evaluate(fresh, dev, task="classification", batch_size=4, pad_token_id=1)
+    assert again["accuracy"] == result.best_metrics["accuracy"]
+    assert again["loss"] == pytest.approx(result.best_metrics["loss"], rel=1e-6)

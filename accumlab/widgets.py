@@ -1,0 +1,461 @@
+"""ipywidgets 8 panels for the notebooks: controls, a "running…" state, a readout and a plot.
+
+UI only: every panel's callback is a thin call into library functions (`accumlab.memory`,
+`accumlab.compare_gradients`, `accumlab.window`), and figures come from `accumlab.viz`. Tests
+drive a panel without a browser by setting ``panel.controls["k"].value = 4`` and reading
+``panel.result``, ``panel.readout.value`` or ``panel.view.figure``.
+
+Import it explicitly (``from accumlab import widgets``); the core never imports ipywidgets.
+Figures are `plotly.graph_objects.FigureWidget`s where they render (JupyterLab, Notebook 7,
+VS Code), and plain figures redrawn inside an `ipywidgets.Output` where they do not (Colab, or
+``ACCUMLAB_FIGURES=output``).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import ipywidgets as W
+import plotly.graph_objects as go
+import torch
+from IPython.display import clear_output, display
+
+from . import memory, viz
+from .batching import micro_batches
+from .equivalence import compare_gradients, gradient_vector, relative_difference, window_gradient
+from .losses import count_items, detect_task
+from .models import SIZES
+from .window import Accumulator, default_forward
+
+READOUT_CLASS = "accumlab-readout"
+STATUS_CLASS = "accumlab-status"
+FIGURE_MODES = ("widget", "output")
+
+
+# ---------------------------------------------------------------- figures
+
+
+def figure_mode(mode: str = "auto") -> str:
+    """"widget" (FigureWidget) or "output" (go.Figure in an Output widget).
+
+    "auto" reads ``ACCUMLAB_FIGURES``, then uses "output" on Colab (where FigureWidget does not
+    render) or where anywidget is missing (plotly >= 6 needs it for FigureWidget).
+    """
+    if mode == "auto":
+        mode = os.environ.get("ACCUMLAB_FIGURES", "auto")
+    if mode == "auto":
+        if "google.colab" in sys.modules:
+            return "output"
+        try:
+            import anywidget  # noqa: F401
+        except ImportError:
+            return "output"
+        return "widget"
+    if mode not in FIGURE_MODES:
+        raise ValueError(f"figure mode must be 'auto' or one of {FIGURE_MODES}, got {mode!r}")
+    return mode
+
+
+class FigureView:
+    """A plotly figure that can be redrawn from a new `go.Figure`.
+
+    `widget` is what to display; `figure` is the last figure drawn (plain data, for tests).
+    """
+
+    def __init__(self, figure: go.Figure | None = None, mode: str = "auto"):
+        self.mode = figure_mode(mode)
+        self.figure = figure if figure is not None else go.Figure()
+        if self.mode == "widget":
+            self.widget = go.FigureWidget(self.figure)
+        else:
+            self.widget = W.Output()
+            self._draw_output()
+        self.widget.add_class("accumlab-figure")
+
+    def update(self, figure: go.Figure) -> None:
+        """Show `figure` instead of the current one (in place for a FigureWidget)."""
+        self.figure = figure
+        if self.mode == "output":
+            self._draw_output()
+            return
+        fw = self.widget
+        same = len(fw.data) == len(figure.data) and all(
+            a.type == b.type for a, b in zip(fw.data, figure.data, strict=True))
+        if same:
+            with fw.batch_update():
+                for old, new in zip(fw.data, figure.data, strict=True):
+                    old.update(new.to_plotly_json(), overwrite=True)
+                fw.layout = figure.layout
+        else:
+            fw.data = ()
+            fw.add_traces(list(figure.data))
+            fw.layout = figure.layout
+
+    def _draw_output(self) -> None:
+        with self.widget:
+            clear_output(wait=True)
+            if self.figure.data:
+                display(self.figure)
+
+
+# ---------------------------------------------------------------- the generic panel
+
+
+class Panel:
+    """Controls, a compute function, a readout and an optional figure.
+
+    `compute(**values)` gets the controls' values by name and returns a result (plain data);
+    `describe(result)` makes the readout's HTML and `render(result)` the figure. While compute
+    runs the status line reads "running…". Display the panel itself (or `panel.widget`).
+    """
+
+    def __init__(self, controls: dict[str, W.ValueWidget], compute: Callable[..., object],
+                 describe: Callable[[object], str],
+                 render: Callable[[object], go.Figure] | None = None, title: str | None = None,
+                 figure_mode: str = "auto", run: bool = True):
+        self.controls = controls
+        self.compute = compute
+        self.describe = describe
+        self.render = render
+        self.result = None
+        self.error: Exception | None = None
+        self.runs = 0
+        self.status = W.HTML(value="")
+        self.status.add_class(STATUS_CLASS)
+        self.readout = W.HTML(value="")
+        self.readout.add_class(READOUT_CLASS)
+        self.view = FigureView(mode=figure_mode) if render is not None else None
+        for control in controls.values():
+            control.observe(self._on_change, names="value")
+        children = []
+        if title:
+            children.append(W.HTML(f"<b>{html.escape(title)}</b>"))
+        children.append(W.HBox(list(controls.values()),
+                               layout=W.Layout(flex_flow="row wrap", gap="4px 16px")))
+        children += [self.status, self.readout]
+        if self.view is not None:
+            children.append(self.view.widget)
+        self.widget = W.VBox(children)
+        self.widget.add_class("accumlab-panel")
+        if run:
+            self.refresh()
+
+    @property
+    def values(self) -> dict:
+        """The controls' current values by name."""
+        return {name: control.value for name, control in self.controls.items()}
+
+    def refresh(self) -> None:
+        """Recompute from the current values and redraw (what a control change does)."""
+        self.status.value = "<i>running…</i>"
+        self.widget.add_class("accumlab-running")
+        start = time.perf_counter()
+        try:
+            self.result = self.compute(**self.values)
+            self.error = None
+        except Exception as e:  # show the problem in the panel instead of a lost traceback
+            self.result, self.error = None, e
+            self.status.value = (f"<span style='color:#b00'>error: "
+                                 f"{html.escape(type(e).__name__)}: {html.escape(str(e))}</span>")
+        else:
+            self.readout.value = self.describe(self.result)
+            if self.view is not None:
+                self.view.update(self.render(self.result))
+            self.status.value = f"<i>done in {time.perf_counter() - start:.2f} s</i>"
+        finally:
+            self.runs += 1
+            self.widget.remove_class("accumlab-running")
+
+    def _on_change(self, change) -> None:
+        self.refresh()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _slider(description: str, options: Sequence, value) -> W.SelectionSlider:
+    return W.SelectionSlider(options=list(options), value=value, description=description,
+                             continuous_update=False, style={"description_width": "initial"})
+
+
+def _dropdown(description: str, options: Sequence, value) -> W.Dropdown:
+    return W.Dropdown(options=list(options), value=value, description=description,
+                      style={"description_width": "initial"},
+                      layout=W.Layout(width="max-content"))
+
+
+def _sci(x: float) -> str:
+    return "0" if x == 0 else f"{x:.2e}"
+
+
+# ---------------------------------------------------------------- 00: planning a split
+
+
+def plan_panel(target_batch: int = 256, max_micro_batch: int = 12, **kwargs) -> Panel:
+    """Effective batch = micro-batch x accumulation steps: `memory.plan_accumulation`."""
+    controls = {
+        "target_batch": W.IntSlider(value=target_batch, min=1, max=1024, description="target batch",
+                                    continuous_update=False,
+                                    style={"description_width": "initial"}),
+        "max_micro_batch": W.IntSlider(value=max_micro_batch, min=1, max=128,
+                                       description="largest micro-batch that fits",
+                                       continuous_update=False,
+                                       style={"description_width": "initial"}),
+    }
+
+    def describe(plan):
+        return (f"micro-batch <b>{plan['micro_batch']}</b> × <b>{plan['accum_steps']}</b> "
+                f"accumulation steps = effective batch <b>{plan['effective_batch']}</b>")
+
+    return Panel(controls, memory.plan_accumulation, describe, **kwargs)
+
+
+# ---------------------------------------------------------------- 01: the memory wall
+
+
+MEMORY_SIZES = tuple(s for s in ("tiny", "mini", "small", "medium", "gpt2-small") if s in SIZES)
+MEMORY_MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def memory_result(size: str, micro_batch: int, seq_len: int, precision: str, attention: str,
+                  gpu_gib: float) -> dict:
+    """The memory panel's data: a sweep over micro-batches and the largest one that fits."""
+    default = memory.ModelShape.gpt2(size)
+    shape = memory.ModelShape.gpt2(size, positions=max(default.positions, seq_len))
+    sizes = sorted(set(MEMORY_MICRO_BATCHES) | {micro_batch})
+    sweep = memory.memory_sweep(shape, sizes, seq_len, precision, attention=attention)
+    chosen = next(r for r in sweep if r["micro_batch"] == micro_batch)
+    largest = memory.largest_micro_batch(shape, seq_len, gpu_gib * memory.GIB, precision,
+                                         attention=attention)
+    return {"size": size, "shape": shape.to_dict(), "parameters": shape.parameters,
+            "sweep": sweep, "chosen": chosen, "gpu_gib": gpu_gib, "largest_fit": largest,
+            "fits": memory.fits(chosen["total"], gpu_gib)}
+
+
+def memory_panel(size: str = "gpt2-small", micro_batch: int = 8, seq_len: int = 1024,
+                 precision: str = "bf16", attention: str = "eager", gpu_gib: float = 80,
+                 **kwargs) -> Panel:
+    """Model size, micro-batch, sequence length and precision -> estimated peak memory."""
+    controls = {
+        "size": _dropdown("model", MEMORY_SIZES, size),
+        "micro_batch": _slider("micro-batch", MEMORY_MICRO_BATCHES, micro_batch),
+        "seq_len": _slider("sequence length", (128, 256, 512, 1024, 2048, 4096), seq_len),
+        "precision": _dropdown("precision", ("fp32", "bf16", "fp16", "fp64"), precision),
+        "attention": _dropdown("attention", ("eager", "fused"), attention),
+        "gpu_gib": _dropdown("GPU memory (GiB)", (8, 16, 24, 40, 80, 141), gpu_gib),
+    }
+
+    def describe(r):
+        c = r["chosen"]
+        g = memory.gib
+        states = c["weights"] + c["gradients"] + c["optimizer"] + c["weight_copies"]
+        verdict = ("fits" if r["fits"] else "<b style='color:#b00'>does not fit</b>")
+        return (f"{r['size']} ({r['parameters'] / 1e6:.1f}M parameters), micro-batch "
+                f"{c['micro_batch']} × {c['seq_len']} tokens, {c['precision']}: estimated "
+                f"peak <b>{g(c['total']):.1f} GiB</b> (model states {g(states):.2f}, "
+                f"activations {g(c['activations']):.2f}, logits {g(c['logits']):.2f} GiB); "
+                f"{verdict} in {r['gpu_gib']:g} GiB. Largest micro-batch that fits: "
+                f"<b>{r['largest_fit']}</b>.")
+
+    def render(r):
+        return viz.memory_figure(r["sweep"], highlight=r["chosen"]["micro_batch"],
+                                 budget_gib=r["gpu_gib"])
+
+    return Panel(controls, memory_result, describe, render, **kwargs)
+
+
+# ---------------------------------------------------------------- 02: partitions and windows
+
+
+def window_report(model: torch.nn.Module, examples: Sequence[dict], micro_batch_size: int,
+                  accum_steps: int, normalization: str = "tokens",
+                  partial_window: str = "step", task: str | None = None,
+                  pad_token_id: int = 0) -> list[dict]:
+    """For each window of an epoch (in order, no shuffling): its micro-batches' item counts,
+    whether it steps, and how far its accumulated gradient is from the gradient of the same loss
+    over the same examples taken as one batch (with one micro-batch, `mean_of_means` is the
+    token mean). Only library calls: `Accumulator` makes the windows and the losses,
+    `window_gradient` the one-batch reference.
+    """
+    task = task or detect_task(model)
+    net = model
+    windows = []
+    order = list(range(len(examples)))
+    batches = list(micro_batches(examples, order, micro_batch_size, pad_token_id=pad_token_id))
+    acc = Accumulator(net, None, accum_steps, task=task, normalization=normalization,
+                      partial_window="step")
+    start = 0
+    for window in acc.windows(batches):
+        n_examples = sum(len(b["input_ids"]) for b in window.micro_batches)
+        members = examples[start:start + n_examples]
+        start += n_examples
+        stepped = not (window.is_partial and partial_window == "drop")
+        net.zero_grad(set_to_none=True)
+        for batch in window:
+            window.backward(window.loss(default_forward(net, batch), batch["labels"]))
+        accumulated = gradient_vector(net)
+        net.zero_grad(set_to_none=True)
+        exact = window_gradient(net, members, 1, task=task, precision=_precision_of(net),
+                                normalization=normalization, pad_token_id=pad_token_id)
+        windows.append({
+            "items": [count_items(b["labels"], task) for b in window.micro_batches],
+            "examples": n_examples, "partial": window.is_partial, "stepped": stepped,
+            "rel_diff": relative_difference(accumulated, exact),
+        })
+    return windows
+
+
+def _precision_of(model: torch.nn.Module) -> str:
+    dtype = next(model.parameters()).dtype
+    return "fp64" if dtype == torch.float64 else "fp32"
+
+
+def partition_panel(model: torch.nn.Module, examples: Sequence[dict], task: str | None = None,
+                    pad_token_id: int = 0, micro_batch_size: int = 2, accum_steps: int = 2,
+                    normalization: str = "tokens", **kwargs) -> Panel:
+    """Partition examples into micro-batches and windows; watch each window's gradient."""
+    n = len(examples)
+    controls = {
+        "micro_batch_size": _slider("micro-batch size", range(1, n + 1), micro_batch_size),
+        "accum_steps": _slider("accumulation steps k", range(1, n + 1), accum_steps),
+        "normalization": _dropdown("normalisation", ("tokens", "samples", "mean_of_means"),
+                                   normalization),
+        "partial_window": _dropdown("partial last window", ("step", "drop"), "step"),
+    }
+
+    def compute(micro_batch_size, accum_steps, normalization, partial_window):
+        import warnings
+
+        with warnings.catch_warnings():  # the readout says it; no warning spam in the panel
+            warnings.simplefilter("ignore")
+            return window_report(model, examples, micro_batch_size, accum_steps, normalization,
+                                 partial_window, task=task, pad_token_id=pad_token_id)
+
+    def describe(windows):
+        steps = sum(w["stepped"] for w in windows)
+        worst = max(w["rel_diff"] for w in windows)
+        parts = [f"{len(windows)} window(s), <b>{steps}</b> optimizer step(s)"]
+        if windows[-1]["partial"]:
+            parts.append(f"the last window is partial ({len(windows[-1]['items'])} "
+                         f"micro-batch(es)) and is "
+                         + ("stepped with its own item count" if windows[-1]["stepped"]
+                            else "dropped"))
+        parts.append(f"largest relative difference from one batch of the same examples: "
+                     f"<b>{_sci(worst)}</b>")
+        return "; ".join(parts)
+
+    return Panel(controls, compute, describe, lambda w: viz.partition_figure(w), **kwargs)
+
+
+# ---------------------------------------------------------------- 03: equivalence
+
+
+def equivalence_panel(model: torch.nn.Module, examples: Sequence[dict],
+                      ks: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                      precisions: Sequence[str] = ("fp64", "fp32", "bf16", "fp16"),
+                      k: int | None = None, precision: str | None = None,
+                      device: str = "cpu", task: str | None = None,
+                      normalization: str = "tokens", pad_token_id: int | None = None,
+                      **kwargs) -> Panel:
+    """Pick k and a precision: accumulated vs single-batch gradient, each against fp64."""
+    ks = [k_ for k_ in ks if k_ <= len(examples)]
+    controls = {
+        "k": _slider("accumulation steps k", ks, k if k is not None else ks[min(2, len(ks) - 1)]),
+        "precision": _dropdown("precision", precisions,
+                               precision if precision is not None else precisions[0]),
+    }
+
+    def compute(k, precision):
+        (record,) = compare_gradients(model, examples, ks=(k,), precisions=(precision,),
+                                      task=task, normalization=normalization,
+                                      pad_token_id=pad_token_id, device=device)
+        return record
+
+    def describe(r):
+        verdict = ("no larger than" if r["vs_single"] <= r["single_vs_fp64"]
+                   else "larger than")
+        return (f"k = {r['k']}, {r['precision']}: accumulated vs single batch "
+                f"<b>{_sci(r['vs_single'])}</b>; single batch vs fp64 "
+                f"<b>{_sci(r['single_vs_fp64'])}</b>; accumulated vs fp64 "
+                f"{_sci(r['vs_fp64'])}. Accumulation's own error is {verdict} the precision's.")
+
+    def render(r):
+        return viz.comparison_bars(
+            {"accumulated vs single": r["vs_single"],
+             f"single ({r['precision']}) vs fp64": r["single_vs_fp64"],
+             "accumulated vs fp64": r["vs_fp64"]},
+            title=f"k = {r['k']}, {r['precision']}")
+
+    return Panel(controls, compute, describe, render, **kwargs)
+
+
+# ---------------------------------------------------------------- live training curves
+
+
+class LiveLossPlot:
+    """A callback for `accumlab.train` that draws the loss of each run while it trains.
+
+        live = LiveLossPlot(); display(live)
+        accumlab.train(model, data, cfg, callbacks=[live.named("64 x 1")])
+
+    Several runs share one plot (one line each); `runs` keeps their records as plain data.
+    """
+
+    def __init__(self, title: str = "training loss", every: int = 1, y: str = "loss",
+                 figure_mode: str = "auto"):
+        self.title = title
+        self.every = max(1, int(every))
+        self.y = y
+        self.runs: dict[str, list[dict]] = {}
+        self._next_name: str | None = None
+        self._current: str | None = None
+        self._total: int | None = None
+        self.status = W.HTML(value="")
+        self.status.add_class(STATUS_CLASS)
+        self.view = FigureView(viz.loss_curves_figure({}, y=y, title=title), mode=figure_mode)
+        self.widget = W.VBox([self.status, self.view.widget])
+
+    def named(self, name: str) -> LiveLossPlot:
+        """Name the next run's line (default: "micro x steps")."""
+        self._next_name = name
+        return self
+
+    def on_train_begin(self, info: dict) -> None:
+        cfg = info.get("config")
+        name = self._next_name or (f"{cfg.micro_batch_size} x {cfg.accum_steps}" if cfg
+                                   else f"run {len(self.runs) + 1}")
+        self._next_name = None
+        self._current, self._total = name, info.get("total_steps")
+        self.runs[name] = []
+        self.status.value = f"<i>running {html.escape(name)}…</i>"
+        self._redraw()
+
+    def on_step_end(self, record: dict) -> None:
+        if self._current is None:
+            self.on_train_begin({})
+        self.runs[self._current].append({"step": record["step"], self.y: record[self.y]})
+        self.status.value = (f"<i>running {html.escape(self._current)}: step {record['step']}"
+                             + (f" of {self._total}" if self._total else "") + "…</i>")
+        if record["step"] % self.every == 0:
+            self._redraw()
+
+    def on_train_end(self, result) -> None:
+        self._redraw()
+        self.status.value = f"<i>done: {len(self.runs)} run(s)</i>"
+        self._current = None
+
+    def _redraw(self) -> None:
+        self.view.update(viz.loss_curves_figure(self.runs, y=self.y, title=self.title))
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
+
+__all__ = [
+    "FigureView", "LiveLossPlot", "Panel", "equivalence_panel", "figure_mode", "memory_panel",
+    "memory_result", "partition_panel", "plan_panel", "window_report",
+]
