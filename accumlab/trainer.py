@@ -187,12 +187,12 @@ def train(
                 if step >= total_steps:
                     break
             else:
-                epoch, windows_done = epoch + 1, 0
                 if windows_done > windows_before and step == steps_before:
                     raise ValueError(
                         f"epoch {epoch} made no optimizer step: every window had all labels "
                         "masked (-100). Check the labels in train_data."
                     )
+                epoch, windows_done = epoch + 1, 0
                 continue
             break
     except StopTraining:
