@@ -6,6 +6,7 @@
 """
 
 from .config import TrainConfig
+from .doctor import check_loop
 from .equivalence import compare_gradients
 from .losses import IGNORE_INDEX
 from .trainer import OutOfMemoryError, StopTraining, TrainResult, train
@@ -24,6 +25,7 @@ __all__ = [
     "TrainResult",
     "Window",
     "WindowRecord",
+    "check_loop",
     "compare_gradients",
     "train",
 ]

@@ -161,6 +161,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    """Run a user's accumulation step function (file.py:function) through check_loop."""
+    import importlib.util
+    from pathlib import Path
+
+    from .doctor import check_loop
+
+    path, sep, func = args.target.rpartition(":")
+    if not sep or not path or not func:
+        raise ValueError(f"expected path/to/file.py:function, got {args.target!r}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(path).resolve().parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    step_fn = getattr(module, func, None)
+    if not callable(step_fn):
+        raise ValueError(f"{path} defines no function named {func!r}")
+    result = check_loop(step_fn, accum_steps=args.accum_steps, name=func)
+    print(result)
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `accumlab` command."""
     parser = argparse.ArgumentParser(prog="accumlab", description=__doc__)
@@ -196,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="tiny")
     p.add_argument("--max-length", type=int, default=128)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("check", help="check your accumulation step function against the exact "
+                                     "window update and name its bugs")
+    p.add_argument("target", help="path/to/file.py:function, called as function(model, "
+                                  "optimizer, micro_batches, accum_steps, *, scheduler=None, "
+                                  "scaler=None, loss_fn=None, max_grad_norm=None)")
+    p.add_argument("--accum-steps", type=int, default=4)
+    p.set_defaults(func=cmd_check)
     return parser
 
 

@@ -11,8 +11,11 @@ The analytic model adds up what a training step of a GPT-2-style decoder keeps i
 - logits and their loss buffers, ``b*s*V`` elements several times over.
 
 Accumulation changes only the last two: they depend on the micro-batch, the states do not.
-The estimate is an upper one (it adds everything as if alive at once); `measure_training_memory`
-measures a real model to compare. No plotting or widget code lives here.
+This is the textbook count for pure 16-bit kernels. Real PyTorch autocast training keeps more
+(the residual stream and LayerNorms in float32, GELUs built from several saved operations,
+float32 copies of the logits for the loss), so measure: `measure_training_memory` measures one
+real step, and `fit_linear` turns a few measured micro-batches into a prediction for the rest.
+No plotting or widget code lives here.
 """
 
 from __future__ import annotations
@@ -31,18 +34,27 @@ COMPUTE_BYTES = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}
 MASTER_BYTES = {"fp64": 8, "fp32": 4, "bf16": 4, "fp16": 4}
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 0, "sgd_momentum": 1}
 
-# Measured on one H100 80GB: GPT-2 small (124M), sequence 1024, bf16 autocast, eager attention,
-# AdamW; peak torch.cuda.max_memory_allocated in GiB per micro-batch size. Quote as a reference
-# measurement, not as something these notebooks compute.
+# Reference measurements on one H100 80GB (not computed by the notebooks; quote them as such).
+# GPT-2 small (124M), sequence 1024, bf16 autocast over float32 weights, fused AdamW, PyTorch
+# eager mode (no torch.compile) with transformers' default attention (SDPA, a fused kernel):
+# peak torch.cuda.max_memory_allocated in GiB per micro-batch; micro-batch 64 runs out of memory.
 REFERENCE_H100_GPT2_SMALL = {
-    "description": "one H100 80GB, GPT-2 small, sequence 1024, bf16 autocast, eager attention",
+    "description": "one H100 80GB, GPT-2 small, sequence 1024, bf16 autocast, eager mode "
+                   "(no torch.compile), default SDPA attention",
     "size": "gpt2-small",
     "seq_len": 1024,
     "precision": "bf16",
-    "attention": "eager",
+    "attention": "fused",
     "gpu_gib": 80,
     "peak_gib": {1: 3.5, 4: 7.6, 8: 13.0, 16: 23.8, 32: 45.5},
     "out_of_memory": (64,),
+}
+# The same setting measured once more on one H100 with one `accumlab.train` step (torch 2.11,
+# transformers 5.17), with SDPA and with eager attention (which stores the s x s scores).
+REFERENCE_H100_ATTENTION = {
+    "description": "one H100 80GB, GPT-2 small, sequence 1024, bf16, one accumlab.train step",
+    "sdpa": {1: 2.19, 4: 7.03, 8: 12.83, 16: 24.42, 32: 47.61},
+    "eager": {1: 3.53, 4: 10.26, 8: 19.29, 16: 37.35, 32: 73.46},
 }
 
 
@@ -198,6 +210,32 @@ def plan_accumulation(target_batch: int, max_micro_batch: int, ranks: int = 1) -
             "effective_batch": micro * steps * ranks}
 
 
+def fit_linear(micro_batches, peaks) -> dict:
+    """Least-squares line ``peak = fixed + per_sequence * micro_batch`` through measurements.
+
+    Peak memory is linear in the micro-batch (activations and logits scale with it, the model
+    states do not), so two or three measured micro-batches predict the rest. Returns the two
+    coefficients and the largest relative residual of the fit.
+    """
+    xs, ys = [float(x) for x in micro_batches], [float(y) for y in peaks]
+    if len(xs) < 2 or len(set(xs)) < 2:
+        raise ValueError("need measurements at two or more different micro-batch sizes")
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs)
+    fixed = my - slope * mx
+    worst = max(abs(fixed + slope * x - y) / abs(y) for x, y in zip(xs, ys, strict=True))
+    return {"fixed": fixed, "per_sequence": slope, "max_relative_residual": worst}
+
+
+def largest_fitting(fit: dict, budget: float) -> int:
+    """The largest micro-batch whose fitted peak (same unit as `budget`) fits the budget."""
+    if fit["per_sequence"] <= 0:
+        raise ValueError("the fitted memory does not grow with the micro-batch")
+    return max(0, math.floor((budget - fit["fixed"]) / fit["per_sequence"]))
+
+
 # ---------------------------------------------------------------- measurement
 
 
@@ -262,10 +300,10 @@ def measure_training_memory(model: torch.nn.Module, batch: dict, precision: str 
     model.to(dtype=prec.param_dtype)
     model.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.AdamW(params, lr=1e-6) if optimizer == "adamw"
-           else torch.optim.SGD(params, lr=1e-6, momentum=0.9 if optimizer == "sgd_momentum"
-                                else 0.0))
     cuda = device.type == "cuda"
+    opt = (torch.optim.AdamW(params, lr=1e-6, fused=cuda or None) if optimizer == "adamw"
+           else torch.optim.SGD(params, lr=1e-6, momentum=0.9 if optimizer == "sgd_momentum"
+                                else 0.0))  # fused AdamW on CUDA, as accumlab.train uses
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -316,8 +354,9 @@ def fits(n_bytes: float, budget_gib: float) -> bool:
 
 
 __all__ = [
-    "GIB", "MIB", "REFERENCE_H100_GPT2_SMALL", "ModelShape", "activation_bytes",
-    "estimate_memory", "fits", "gib", "largest_micro_batch", "logits_bytes",
+    "GIB", "MIB", "REFERENCE_H100_ATTENTION", "REFERENCE_H100_GPT2_SMALL", "ModelShape",
+    "activation_bytes", "estimate_memory", "fit_linear", "fits", "gib", "largest_fitting",
+    "largest_micro_batch", "logits_bytes",
     "measure_training_memory", "memory_sweep", "model_state_bytes", "plan_accumulation",
     "saved_activation_bytes",
 ]

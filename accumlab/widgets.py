@@ -135,7 +135,7 @@ class Panel:
         if title:
             children.append(W.HTML(f"<b>{html.escape(title)}</b>"))
         children.append(W.HBox(list(controls.values()),
-                               layout=W.Layout(flex_flow="row wrap", gap="4px 16px")))
+                               layout=W.Layout(flex_flow="row wrap")))
         children += [self.status, self.readout]
         if self.view is not None:
             children.append(self.view.widget)
@@ -237,9 +237,12 @@ def memory_result(size: str, micro_batch: int, seq_len: int, precision: str, att
 
 
 def memory_panel(size: str = "gpt2-small", micro_batch: int = 8, seq_len: int = 1024,
-                 precision: str = "bf16", attention: str = "eager", gpu_gib: float = 80,
+                 precision: str = "bf16", attention: str = "fused", gpu_gib: float = 80,
                  **kwargs) -> Panel:
-    """Model size, micro-batch, sequence length and precision -> estimated peak memory."""
+    """Model size, micro-batch, sequence length and precision -> the memory formula's count.
+
+    The count is `memory.estimate_memory`, the textbook lower bound; measure to plan.
+    """
     controls = {
         "size": _dropdown("model", MEMORY_SIZES, size),
         "micro_batch": _slider("micro-batch", MEMORY_MICRO_BATCHES, micro_batch),
@@ -255,11 +258,11 @@ def memory_panel(size: str = "gpt2-small", micro_batch: int = 8, seq_len: int = 
         states = c["weights"] + c["gradients"] + c["optimizer"] + c["weight_copies"]
         verdict = ("fits" if r["fits"] else "<b style='color:#b00'>does not fit</b>")
         return (f"{r['size']} ({r['parameters'] / 1e6:.1f}M parameters), micro-batch "
-                f"{c['micro_batch']} × {c['seq_len']} tokens, {c['precision']}: estimated "
-                f"peak <b>{g(c['total']):.1f} GiB</b> (model states {g(states):.2f}, "
-                f"activations {g(c['activations']):.2f}, logits {g(c['logits']):.2f} GiB); "
-                f"{verdict} in {r['gpu_gib']:g} GiB. Largest micro-batch that fits: "
-                f"<b>{r['largest_fit']}</b>.")
+                f"{c['micro_batch']} × {c['seq_len']} tokens, {c['precision']}: the formula "
+                f"counts <b>{g(c['total']):.1f} GiB</b> (model states {g(states):.2f}, "
+                f"activations {g(c['activations']):.2f}, logits {g(c['logits']):.2f} GiB), a "
+                f"lower bound of the real peak; {verdict} in {r['gpu_gib']:g} GiB by this count. "
+                f"Largest micro-batch that fits by this count: <b>{r['largest_fit']}</b>.")
 
     def render(r):
         return viz.memory_figure(r["sweep"], highlight=r["chosen"]["micro_batch"],
@@ -376,12 +379,16 @@ def equivalence_panel(model: torch.nn.Module, examples: Sequence[dict],
         return record
 
     def describe(r):
-        verdict = ("no larger than" if r["vs_single"] <= r["single_vs_fp64"]
-                   else "larger than")
+        if r["single_vs_fp64"] == 0:
+            verdict = "fp64 is the reference itself: what remains is float64 rounding."
+        elif r["vs_single"] <= r["single_vs_fp64"]:
+            verdict = "Accumulation's own error is no larger than the precision's."
+        else:
+            verdict = "Accumulation's own error is larger than the precision's."
         return (f"k = {r['k']}, {r['precision']}: accumulated vs single batch "
                 f"<b>{_sci(r['vs_single'])}</b>; single batch vs fp64 "
                 f"<b>{_sci(r['single_vs_fp64'])}</b>; accumulated vs fp64 "
-                f"{_sci(r['vs_fp64'])}. Accumulation's own error is {verdict} the precision's.")
+                f"{_sci(r['vs_fp64'])}. {verdict}")
 
     def render(r):
         return viz.comparison_bars(

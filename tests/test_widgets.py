@@ -1,0 +1,186 @@
+"""accumlab.widgets without a browser: set a control's value, read the panel's result.
+
+Each panel's callback must be a thin call into the library: the tests compare what a panel
+shows with what the library function returns for the same arguments.
+"""
+
+import sys
+
+import ipywidgets as W
+import plotly.graph_objects as go
+import pytest
+import torch
+from helpers import random_lm_data
+
+import accumlab
+from accumlab import compare_gradients, memory, viz, widgets
+from accumlab.models import make_model
+
+GIB = memory.GIB
+
+
+@pytest.fixture(params=["widget", "output"])
+def figure_mode(request, monkeypatch):
+    monkeypatch.setenv("ACCUMLAB_FIGURES", request.param)
+    return request.param
+
+
+def _sliders(panel):
+    return [c for c in panel.controls.values() if isinstance(c, (W.IntSlider, W.SelectionSlider))]
+
+
+def test_figure_mode_resolution(monkeypatch):
+    monkeypatch.delenv("ACCUMLAB_FIGURES", raising=False)
+    assert widgets.figure_mode() == "widget"  # anywidget is installed here
+    monkeypatch.setitem(sys.modules, "google.colab", object())
+    assert widgets.figure_mode() == "output"  # Colab does not render FigureWidget
+    monkeypatch.setenv("ACCUMLAB_FIGURES", "widget")
+    assert widgets.figure_mode() == "widget"
+    assert widgets.figure_mode("output") == "output"
+    with pytest.raises(ValueError, match="figure mode"):
+        widgets.figure_mode("svg")
+
+
+def test_figure_view_redraws_in_place_and_with_new_traces(figure_mode):
+    view = widgets.FigureView(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])))
+    assert view.mode == figure_mode
+    view.update(go.Figure(go.Scatter(x=[1, 2], y=[5, 6])))  # same structure
+    view.update(go.Figure([go.Bar(x=["a"], y=[1]), go.Bar(x=["a"], y=[2])]))  # new structure
+    assert [list(t.y) for t in view.figure.data] == [[1], [2]]
+    if figure_mode == "widget":
+        assert isinstance(view.widget, go.FigureWidget)
+        assert [list(t.y) for t in view.widget.data] == [[1], [2]]
+    else:
+        assert isinstance(view.widget, W.Output)
+
+
+def test_plan_panel_is_a_thin_call(figure_mode):
+    panel = widgets.plan_panel(256, 12)
+    assert panel.result == memory.plan_accumulation(256, 12)
+    assert "effective batch <b>256</b>" in panel.readout.value
+    assert panel.status.value.startswith("<i>done in")
+    panel.controls["max_micro_batch"].value = 48
+    assert panel.result == memory.plan_accumulation(256, 48)
+    assert panel.runs == 2
+    assert all(not s.continuous_update for s in _sliders(panel))
+
+
+def test_memory_panel_follows_its_controls(figure_mode):
+    panel = widgets.memory_panel(size="gpt2-small", micro_batch=8, seq_len=1024,
+                                 precision="bf16", attention="eager", gpu_gib=80)
+    shape = memory.ModelShape.gpt2("gpt2-small")
+    assert panel.result["chosen"] == memory.estimate_memory(shape, 8, 1024, "bf16")
+    assert panel.result["fits"] and "fits in 80 GiB" in panel.readout.value
+    assert panel.result["largest_fit"] == memory.largest_micro_batch(shape, 1024, 80 * GIB)
+    panel.controls["micro_batch"].value = 64
+    assert not panel.result["fits"] and "does not fit" in panel.readout.value
+    bars = {t.name: t for t in panel.view.figure.data}
+    expected = [r["activations"] / GIB for r in panel.result["sweep"]]
+    assert list(bars["activations"].y) == pytest.approx(expected)
+    panel.controls["attention"].value = "fused"
+    assert panel.result["chosen"]["activations"] < memory.activation_bytes(shape, 64, 1024)
+    panel.controls["size"].value = "tiny"
+    assert panel.result["parameters"] == memory.ModelShape.gpt2("tiny", positions=1024).parameters
+    assert all(not s.continuous_update for s in _sliders(panel))
+
+
+def test_panel_shows_errors_instead_of_raising():
+    control = W.IntSlider(value=1, continuous_update=False)
+
+    def compute(x):
+        if x > 1:
+            raise ValueError("too big")
+        return x
+
+    panel = widgets.Panel({"x": control}, compute, describe=str)
+    assert panel.result == 1 and panel.error is None
+    control.value = 2
+    assert isinstance(panel.error, ValueError) and "too big" in panel.status.value
+    assert "accumlab-running" not in panel.widget._dom_classes
+    control.value = 1
+    assert panel.error is None and panel.readout.value == "1"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    return make_model("gpt2", "tiny", seed=0, dtype=torch.float64)
+
+
+def test_equivalence_panel_matches_compare_gradients(figure_mode, tiny_gpt2):
+    data = random_lm_data(8, seed=3, max_len=12)
+    panel = widgets.equivalence_panel(tiny_gpt2, data, ks=(1, 2, 4, 8, 16),
+                                      precisions=("fp64", "fp32"), k=2, precision="fp64",
+                                      pad_token_id=1)
+    assert [o for o in panel.controls["k"].options] == [1, 2, 4, 8]  # k <= examples
+    assert panel.result["vs_single"] < 1e-12
+    panel.controls["precision"].value = "fp32"
+    panel.controls["k"].value = 4
+    (expected,) = compare_gradients(tiny_gpt2, data, ks=(4,), precisions=("fp32",),
+                                    pad_token_id=1)
+    assert panel.result == pytest.approx(expected)
+    assert panel.readout.value.startswith("k = 4, fp32")
+    ys = list(panel.view.figure.data[0].y)
+    assert ys == pytest.approx([expected["vs_single"], expected["single_vs_fp64"],
+                                expected["vs_fp64"]])
+    assert panel.runs == 3
+
+
+def test_partition_panel_windows_and_policies(figure_mode, tiny_gpt2):
+    data = random_lm_data(7, seed=4, max_len=10)
+    panel = widgets.partition_panel(tiny_gpt2, data, pad_token_id=1, micro_batch_size=2,
+                                    accum_steps=2)
+    windows = panel.result  # micro-batches of 2,2 | 2,1: the second window is full
+    assert [len(w["items"]) for w in windows] == [2, 2]
+    assert all(w["rel_diff"] < 1e-12 and w["stepped"] for w in windows)
+    panel.controls["accum_steps"].value = 3  # 4 micro-batches: windows of 3 and 1
+    assert [len(w["items"]) for w in panel.result] == [3, 1]
+    assert panel.result[-1]["partial"] and panel.result[-1]["stepped"]
+    panel.controls["partial_window"].value = "drop"
+    assert not panel.result[-1]["stepped"]
+    assert "<b>1</b> optimizer step" in panel.readout.value
+    panel.controls["normalization"].value = "mean_of_means"
+    assert max(w["rel_diff"] for w in panel.result) > 1e-6  # unequal token counts
+    counts = [n for w in panel.result for n in w["items"]]
+    assert [y for t in panel.view.figure.data for y in t.y] == counts
+    assert all(p.grad is None for p in tiny_gpt2.parameters())
+
+
+def test_live_loss_plot_draws_each_run_while_it_trains(figure_mode):
+    data = random_lm_data(32, seed=5)
+    live = widgets.LiveLossPlot(title="loss")
+    seen = []
+
+    class Spy:  # runs after the live plot: the figure already holds this step
+        def on_step_end(self, record):
+            seen.append(len(live.view.figure.data[-1].y))
+
+    init = make_model("gpt2", "tiny", seed=0)
+    results = {}
+    for micro, steps in ((8, 1), (2, 4)):
+        cfg = accumlab.TrainConfig(micro_batch_size=micro, accum_steps=steps, max_steps=3,
+                                   lr=1e-3, progress=False, shuffle=False)
+        model = make_model("gpt2", "tiny", seed=0)
+        model.load_state_dict(init.state_dict())
+        results[f"{micro} x {steps}"] = accumlab.train(model, data, cfg, callbacks=[live, Spy()])
+    assert seen == [1, 2, 3, 1, 2, 3]
+    assert list(live.runs) == ["8 x 1", "2 x 4"]
+    for name, result in results.items():
+        assert [r["loss"] for r in live.runs[name]] == result.losses
+    fig = live.view.figure
+    assert [t.name for t in fig.data] == ["8 x 1", "2 x 4"]
+    assert list(fig.data[1].y) == results["2 x 4"].losses
+    assert live.status.value.startswith("<i>done")
+    live.named("custom")
+    accumlab.train(make_model("gpt2", "tiny"), data,
+                   accumlab.TrainConfig(micro_batch_size=8, max_steps=1, progress=False),
+                   callbacks=[live])
+    assert "custom" in live.runs
+
+
+def test_panels_display_as_widgets():
+    panel = widgets.plan_panel()
+    bundle = panel._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    live = widgets.LiveLossPlot()
+    assert "application/vnd.jupyter.widget-view+json" in live._repr_mimebundle_()
+    assert isinstance(viz.loss_curves_figure(live.runs), go.Figure)
