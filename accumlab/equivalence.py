@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
+from .batching import micro_batches
 from .collate import pad_collate
-from .losses import detect_task
+from .losses import count_items, detect_task
 from .precision import Precision
-from .window import accumulate_gradients, default_forward
+from .window import Accumulator, accumulate_gradients, default_forward
 
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
@@ -102,3 +103,46 @@ def compare_gradients(
                 "single_vs_fp64": single_err,
             })
     return records
+
+
+def window_report(model: torch.nn.Module, examples: Sequence[dict], micro_batch_size: int,
+                  accum_steps: int, normalization: str = "tokens",
+                  partial_window: str = "step", task: str | None = None,
+                  pad_token_id: int = 0) -> list[dict]:
+    """For each window of an epoch (in order, no shuffling): its micro-batches' item counts,
+    whether it steps, and how far its accumulated gradient is from the gradient of the same loss
+    over the same examples taken as one batch (with one micro-batch, `mean_of_means` is the
+    token mean). Only library calls: `Accumulator` makes the windows and the losses,
+    `window_gradient` the one-batch reference.
+    """
+    task = task or detect_task(model)
+    net = model
+    windows = []
+    order = list(range(len(examples)))
+    batches = list(micro_batches(examples, order, micro_batch_size, pad_token_id=pad_token_id))
+    acc = Accumulator(net, None, accum_steps, task=task, normalization=normalization,
+                      partial_window="step")
+    start = 0
+    for window in acc.windows(batches):
+        n_examples = sum(len(b["input_ids"]) for b in window.micro_batches)
+        members = examples[start:start + n_examples]
+        start += n_examples
+        stepped = not (window.is_partial and partial_window == "drop")
+        net.zero_grad(set_to_none=True)
+        for batch in window:
+            window.backward(window.loss(default_forward(net, batch), batch["labels"]))
+        accumulated = gradient_vector(net)
+        net.zero_grad(set_to_none=True)
+        exact = window_gradient(net, members, 1, task=task, precision=_precision_of(net),
+                                normalization=normalization, pad_token_id=pad_token_id)
+        windows.append({
+            "items": [count_items(b["labels"], task) for b in window.micro_batches],
+            "examples": n_examples, "partial": window.is_partial, "stepped": stepped,
+            "rel_diff": relative_difference(accumulated, exact),
+        })
+    return windows
+
+
+def _precision_of(model: torch.nn.Module) -> str:
+    dtype = next(model.parameters()).dtype
+    return "fp64" if dtype == torch.float64 else "fp32"

@@ -136,7 +136,7 @@ def partition_figure(windows: Sequence[Mapping], title: str | None = None) -> go
     """Items (tokens or examples) per micro-batch, grouped and coloured by window.
 
     Each window is ``{"items": [n_1, ..., n_j], "stepped": bool, ...}`` (see
-    `accumlab.widgets.window_report`); a dropped window is drawn hatched.
+    `accumlab.equivalence.window_report`); a dropped window is drawn hatched.
     """
     fig = go.Figure()
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",

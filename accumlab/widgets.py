@@ -25,11 +25,8 @@ import torch
 from IPython.display import clear_output, display
 
 from . import memory, viz
-from .batching import micro_batches
-from .equivalence import compare_gradients, gradient_vector, relative_difference, window_gradient
-from .losses import count_items, detect_task
+from .equivalence import compare_gradients, window_report
 from .models import SIZES
-from .window import Accumulator, default_forward
 
 READOUT_CLASS = "accumlab-readout"
 STATUS_CLASS = "accumlab-status"
@@ -272,49 +269,6 @@ def memory_panel(size: str = "gpt2-small", micro_batch: int = 8, seq_len: int = 
 
 
 # ---------------------------------------------------------------- 02: partitions and windows
-
-
-def window_report(model: torch.nn.Module, examples: Sequence[dict], micro_batch_size: int,
-                  accum_steps: int, normalization: str = "tokens",
-                  partial_window: str = "step", task: str | None = None,
-                  pad_token_id: int = 0) -> list[dict]:
-    """For each window of an epoch (in order, no shuffling): its micro-batches' item counts,
-    whether it steps, and how far its accumulated gradient is from the gradient of the same loss
-    over the same examples taken as one batch (with one micro-batch, `mean_of_means` is the
-    token mean). Only library calls: `Accumulator` makes the windows and the losses,
-    `window_gradient` the one-batch reference.
-    """
-    task = task or detect_task(model)
-    net = model
-    windows = []
-    order = list(range(len(examples)))
-    batches = list(micro_batches(examples, order, micro_batch_size, pad_token_id=pad_token_id))
-    acc = Accumulator(net, None, accum_steps, task=task, normalization=normalization,
-                      partial_window="step")
-    start = 0
-    for window in acc.windows(batches):
-        n_examples = sum(len(b["input_ids"]) for b in window.micro_batches)
-        members = examples[start:start + n_examples]
-        start += n_examples
-        stepped = not (window.is_partial and partial_window == "drop")
-        net.zero_grad(set_to_none=True)
-        for batch in window:
-            window.backward(window.loss(default_forward(net, batch), batch["labels"]))
-        accumulated = gradient_vector(net)
-        net.zero_grad(set_to_none=True)
-        exact = window_gradient(net, members, 1, task=task, precision=_precision_of(net),
-                                normalization=normalization, pad_token_id=pad_token_id)
-        windows.append({
-            "items": [count_items(b["labels"], task) for b in window.micro_batches],
-            "examples": n_examples, "partial": window.is_partial, "stepped": stepped,
-            "rel_diff": relative_difference(accumulated, exact),
-        })
-    return windows
-
-
-def _precision_of(model: torch.nn.Module) -> str:
-    dtype = next(model.parameters()).dtype
-    return "fp64" if dtype == torch.float64 else "fp32"
 
 
 def partition_panel(model: torch.nn.Module, examples: Sequence[dict], task: str | None = None,
