@@ -13,13 +13,15 @@ PRECISIONS = ("fp64", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCALINGS = ("none", "linear", "sqrt")
 EVAL_METRICS = ("loss", "accuracy", "f1", "perplexity")
 
 # Fields that change the arithmetic of a run: a checkpoint made under other values can't resume.
 RESUME_FIELDS = (
     "micro_batch_size", "accum_steps", "lr", "optimizer", "weight_decay", "momentum", "betas",
     "warmup_steps", "schedule", "min_lr_ratio", "clip_grad_norm", "precision",
-    "loss_normalization", "partial_window", "shuffle", "seed", "task",
+    "loss_normalization", "partial_window", "shuffle", "seed", "task", "lr_scaling", "base_batch",
+    "batch_ramp_tokens", "seq_len_warmup_steps", "seq_len_start",
 )
 
 
@@ -62,6 +64,15 @@ class TrainConfig:
     run_dir: str | None = None  # history.jsonl is appended here
     progress: bool = True
     pad_token_id: int | None = None  # default: the model config's pad id, else 0
+    # large batches and long sequences
+    lr_scaling: str = "none"  # "linear" or "sqrt": lr x (effective / base_batch) or its sqrt
+    base_batch: int | None = None  # effective batch (sequences) at which lr was tuned
+    batch_ramp_tokens: int = 0  # window grows from 1 to accum_steps micro-batches over these
+    seq_len_warmup_steps: int = 0  # truncate sequences, growing to full length over these steps
+    seq_len_start: int = 64  # the truncation length at step 0
+    noise_scale: bool = False  # record the gradient noise scale B_simple every step
+    gradient_checkpointing: bool = False  # recompute block activations in the backward
+    loss_chunk_size: int | None = 8192  # positions per cross-entropy chunk (None: one piece)
 
     def __post_init__(self):
         _positive_int(self, "micro_batch_size", "the number of sequences per forward pass")
@@ -99,6 +110,23 @@ class TrainConfig:
             raise ValueError("TrainConfig.checkpoint_every needs checkpoint_dir (where to write)")
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("TrainConfig.early_stopping_patience needs eval_every and eval data")
+        _choice(self, "lr_scaling", LR_SCALINGS)
+        if self.lr_scaling != "none" and self.base_batch is None:
+            raise ValueError("TrainConfig.lr_scaling needs base_batch: the effective batch (in "
+                             "sequences) at which lr was tuned")
+        if self.base_batch is not None:
+            _positive_int(self, "base_batch", "sequences per step at which lr was tuned")
+        for name in ("batch_ramp_tokens", "seq_len_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0 (0 = off), "
+                                 f"got {value!r}")
+        if self.batch_ramp_tokens and self.max_steps is None:
+            raise ValueError("TrainConfig.batch_ramp_tokens needs max_steps: with a growing "
+                             "window the number of steps per epoch is not fixed")
+        _positive_int(self, "seq_len_start", "tokens per sequence at the start of the warmup")
+        if self.loss_chunk_size is not None:
+            _positive_int(self, "loss_chunk_size", "positions per loss chunk, or None")
         self.betas = tuple(self.betas)
 
     def to_dict(self) -> dict:

@@ -41,3 +41,47 @@ def make_scheduler(
                              schedule=schedule, min_lr_ratio=min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scaled_lr(lr: float, batch: int, base_batch: int, rule: str = "linear") -> float:
+    """The learning rate for `batch` given one tuned at `base_batch`.
+
+    "linear" (Goyal et al. 2017, SGD): lr x batch/base. "sqrt" (Krizhevsky 2014; Malladi et al.
+    2022 for Adam): lr x sqrt(batch/base). "none": lr unchanged. Both rules only hold below
+    the critical batch size; beyond it a larger batch buys no fewer steps.
+    """
+    if batch < 1 or base_batch < 1:
+        raise ValueError(f"batch sizes must be >= 1, got batch={batch}, base_batch={base_batch}")
+    ratio = batch / base_batch
+    if rule == "linear":
+        return lr * ratio
+    if rule == "sqrt":
+        return lr * math.sqrt(ratio)
+    if rule == "none":
+        return lr
+    raise ValueError(f"lr scaling rule must be 'none', 'linear' or 'sqrt', got {rule!r}")
+
+
+def ramp_accum_steps(tokens_seen: int, accum_steps: int, ramp_tokens: int) -> int:
+    """Micro-batches in the next window of a batch-size ramp counted in tokens.
+
+    The window grows linearly from 1 micro-batch (at 0 tokens) to `accum_steps` (at
+    `ramp_tokens` training tokens), as GPT-3 ramped its batch over the first 4-12B tokens.
+    """
+    if ramp_tokens <= 0 or tokens_seen >= ramp_tokens:
+        return accum_steps
+    return 1 + int((accum_steps - 1) * tokens_seen / ramp_tokens)
+
+
+def warmup_seq_len(step: int, full_len: int, start: int, warmup_steps: int,
+                   multiple: int = 8) -> int:
+    """Sequence length at optimizer step `step` of a linear sequence-length warmup.
+
+    Grows from `start` to `full_len` over `warmup_steps` steps, rounded down to a multiple of
+    `multiple` (friendly to matrix kernels) and never below `start` (Li et al. 2022).
+    """
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return full_len
+    length = start + (full_len - start) * step / warmup_steps
+    length = max(start, int(length) // multiple * multiple)
+    return min(full_len, length)

@@ -30,8 +30,9 @@ from .config import RESUME_FIELDS, TrainConfig
 from .evaluation import evaluate
 from .losses import IGNORE_INDEX, detect_task
 from .metrics import HIGHER_IS_BETTER
+from .noise import NoiseScale
 from .precision import Precision, resolve_device
-from .schedules import make_scheduler
+from .schedules import make_scheduler, ramp_accum_steps, scaled_lr, warmup_seq_len
 from .window import Accumulator
 
 
@@ -88,10 +89,16 @@ def train(
 
     model.to(device=device, dtype=precision.param_dtype)
     model.train()
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
     torch.manual_seed(cfg.seed)  # dropout masks
     net = _wrap_for_training(model, device, cfg)
-    optimizer = _make_optimizer(model, cfg, device)
+    ranks = distributed.world_size()
+    effective = cfg.micro_batch_size * cfg.accum_steps * ranks
+    lr = scaled_lr(cfg.lr, effective, cfg.base_batch or effective, cfg.lr_scaling)
+    optimizer = _make_optimizer(model, cfg, device, lr)
     n_local = len(epoch_order(len(train_data), 0, shuffle=False, seed=cfg.seed))
+    micro_per_epoch = -(-n_local // cfg.micro_batch_size)
     per_epoch = windows_per_epoch(n_local, cfg.micro_batch_size, cfg.accum_steps,
                                   cfg.partial_window)
     if per_epoch == 0:
@@ -106,25 +113,39 @@ def train(
     scaler = precision.grad_scaler()
     engine = Accumulator(net, optimizer, cfg.accum_steps, task=task,
                          normalization=cfg.loss_normalization, scheduler=scheduler, scaler=scaler,
-                         clip_grad_norm=cfg.clip_grad_norm, partial_window=cfg.partial_window)
+                         clip_grad_norm=cfg.clip_grad_norm, partial_window=cfg.partial_window,
+                         loss_chunk_size=cfg.loss_chunk_size, noise_scale=cfg.noise_scale)
+    noise = NoiseScale() if cfg.noise_scale else None
     callbacks = [_as_callback(c) for c in callbacks]
 
-    step, epoch, windows_done = 0, 0, 0
+    step, epoch, micro_done, tokens_seen = 0, 0, 0, 0
     history: list[dict] = []
     tracker = _EvalTracker(cfg)
     if cfg.resume_from:
         saved = _resume(cfg, model, optimizer, scheduler, scaler)
-        step, epoch, windows_done = saved["step"], saved["epoch"], saved["windows_done"]
-        history, tracker.state = saved["history"], saved["eval_state"]
+        step, epoch, history = saved["step"], saved["epoch"], saved["history"]
+        micro_done = saved.get("micro_done", saved["windows_done"] * cfg.accum_steps)
+        tokens_seen, tracker.state = saved.get("tokens_seen", 0), saved["eval_state"]
+        if noise is not None and saved.get("noise_state"):
+            noise.load_state_dict(saved["noise_state"])
 
-    ranks = distributed.world_size()
-    effective = cfg.micro_batch_size * cfg.accum_steps * ranks
     mean_len = _mean_length(train_data)
+    full_len = max(len(x["input_ids"]) for x in train_data) if cfg.seq_len_warmup_steps else 0
     if main and cfg.progress:
+        scaling = "" if cfg.lr_scaling == "none" else (
+            f"; lr {cfg.lr:g} at batch {cfg.base_batch} -> {lr:g} ({cfg.lr_scaling} scaling)")
         print(f"accumlab: {task} on {device} ({cfg.precision}); effective batch = "
               f"{cfg.micro_batch_size} micro x {cfg.accum_steps} steps x {ranks} rank(s) = "
               f"{effective} sequences ~ {effective * mean_len:,.0f} tokens "
-              f"(mean length {mean_len:.1f}); {total_steps} optimizer steps")
+              f"(mean length {mean_len:.1f}); {total_steps} optimizer steps{scaling}")
+
+    def next_window_size() -> int:  # read when a window starts, after the previous step
+        return ramp_accum_steps(tokens_seen, cfg.accum_steps, cfg.batch_ramp_tokens)
+
+    def current_seq_len() -> int | None:
+        if not cfg.seq_len_warmup_steps:
+            return None
+        return warmup_seq_len(step, full_len, cfg.seq_len_start, cfg.seq_len_warmup_steps)
     _notify(callbacks, "on_train_begin", {"total_steps": total_steps, "task": task,
                                           "effective_batch": effective, "config": cfg,
                                           "model": net, "optimizer": optimizer})
@@ -137,21 +158,23 @@ def train(
         while step < total_steps and (cfg.epochs is None or epoch < math.ceil(cfg.epochs)):
             order = epoch_order(len(train_data), epoch, shuffle=cfg.shuffle, seed=cfg.seed)
             batches = micro_batches(train_data, order, cfg.micro_batch_size, pad_token_id=pad_id,
-                                    skip=windows_done * cfg.accum_steps)
-            steps_before, windows_before = step, windows_done
-            for window in engine.windows(batches):
+                                    skip=micro_done, seq_len=current_seq_len)
+            steps_before, micro_before = step, micro_done
+            for window in engine.windows(batches, sizes=next_window_size):
                 t0 = time.perf_counter()
-                tokens = 0
+                tokens = sum(int(b["attention_mask"].sum()) for b in window.micro_batches)
+                on_device = [_to_device(b, device) for b in window.micro_batches]  # copies queued
                 with _explain_oom(cfg, step):
-                    for batch in window:
-                        tokens += int(batch["attention_mask"].sum())
-                        inputs = {k: v.to(device, non_blocking=True)
-                                  for k, v in batch.items() if k != "labels"}
+                    for i, batch in enumerate(window):
                         with precision.autocast():
-                            logits = net(**inputs).logits
+                            logits = net(**on_device[i]).logits
                         window.backward(window.loss(logits, batch["labels"]))
                     record = _guarded_step(window, step)
-                windows_done += 1
+                micro_done += len(window)
+                tokens_seen += tokens * ranks
+                epoch_end = micro_done >= micro_per_epoch or (
+                    cfg.partial_window == "drop"
+                    and micro_per_epoch - micro_done < next_window_size())
                 if not record.stepped and record.skipped_reason == "no labelled items":
                     continue
                 elapsed = time.perf_counter() - t0
@@ -160,14 +183,16 @@ def train(
                     "step": step, "epoch": epoch, "loss": record.loss, "lr": record.lr,
                     "grad_norm": record.grad_norm, "items": record.items,
                     "micro_batches": record.micro_batches, "tokens": tokens,
+                    "seq_len": int(window.micro_batches[0]["input_ids"].shape[1]),
                     "tokens_per_s": tokens * ranks / elapsed if elapsed > 0 else float("nan"),
                     "peak_memory_mb": _peak_memory_mb(device), "time_s": elapsed,
                     "skipped": not record.stepped,
                 }
                 if not record.stepped:
                     entry["skipped_reason"] = record.skipped_reason
+                if noise is not None:
+                    entry.update(_noise_entry(noise, record))
                 history.append(entry)
-                epoch_end = windows_done == per_epoch
                 if eval_data is not None and _eval_due(cfg.eval_every, step, epoch_end):
                     metrics = _evaluate(net, eval_data, task, cfg, device, precision, pad_id)
                     entry["eval"] = metrics
@@ -175,11 +200,11 @@ def train(
                     _notify(callbacks, "on_evaluate", metrics)
                     if improved and cfg.checkpoint_dir and main:
                         _save(cfg, "best", model, optimizer, scheduler, scaler, step, epoch,
-                              windows_done, history, tracker, latest=False)
+                              (micro_done, tokens_seen, noise), history, tracker, latest=False)
                 _log(cfg, main, entry, bar)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and main:
                     _save(cfg, f"step-{step:08d}", model, optimizer, scheduler, scaler, step,
-                          epoch, windows_done, history, tracker)
+                          epoch, (micro_done, tokens_seen, noise), history, tracker)
                 _notify(callbacks, "on_step_end", entry)
                 if tracker.should_stop():
                     stopped_early = True
@@ -187,12 +212,12 @@ def train(
                 if step >= total_steps:
                     break
             else:
-                if windows_done > windows_before and step == steps_before:
+                if micro_done > micro_before and step == steps_before:
                     raise ValueError(
                         f"epoch {epoch} made no optimizer step: every window had all labels "
                         "masked (-100). Check the labels in train_data."
                     )
-                epoch, windows_done = epoch + 1, 0
+                epoch, micro_done = epoch + 1, 0
                 continue
             break
     except StopTraining:
@@ -252,15 +277,51 @@ def _wrap_for_training(model: torch.nn.Module, device: torch.device, cfg: TrainC
     return net
 
 
-def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+    new = getattr(model, "activation_checkpointing_enable", None)
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if (new or old) is None or not getattr(model, "supports_gradient_checkpointing", True):
+        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(): turn "
+                         "TrainConfig.gradient_checkpointing off or wrap its blocks in "
+                         "torch.utils.checkpoint yourself")
+    if getattr(getattr(model, "config", None), "use_cache", None):
+        model.config.use_cache = False  # a KV cache is useless in training and clashes with it
+    if new is not None:
+        new(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        old(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    """The model inputs of a micro-batch on `device`; on CUDA copied from pinned memory without
+    blocking, so that a window's copies overlap the compute already queued."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in inputs.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def _noise_entry(noise, record) -> dict:
+    extra = record.extra
+    if not extra or not all(math.isfinite(extra[k]) for k in ("small_sq", "big_sq")):
+        out = noise.state()
+    else:
+        out = noise.update(small_sq=extra["small_sq"], small_items=extra["small_items"],
+                           big_sq=extra["big_sq"], big_items=extra["big_items"])
+    return {"noise_scale": out["noise_scale"], "noise_grad_sq": out["grad_sq"],
+            "noise_trace": out["trace_sigma"]}
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, lr: float):
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused or None)
 
 
 def _guarded_step(window, step: int):
@@ -346,9 +407,12 @@ def _resume_fields(cfg: TrainConfig) -> dict:
     return {k: getattr(cfg, k) for k in RESUME_FIELDS}
 
 
-def _save(cfg, name, model, optimizer, scheduler, scaler, step, epoch, windows_done, history,
+def _save(cfg, name, model, optimizer, scheduler, scaler, step, epoch, position, history,
           tracker, latest: bool = True) -> Path:
-    state = {"step": step, "epoch": epoch, "windows_done": windows_done,
+    micro_done, tokens_seen, noise = position
+    state = {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens_seen": tokens_seen,
+             "windows_done": micro_done // cfg.accum_steps,
+             "noise_state": noise.state_dict() if noise is not None else None,
              "config": cfg.to_dict(), "history": history, "eval_state": tracker.state}
     return save_checkpoint(cfg.checkpoint_dir, name, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, state=state, update_latest=latest)

@@ -67,6 +67,10 @@ class Accumulator:
         scaler: a `torch.amp.GradScaler` for fp16; unscaled once per window.
         clip_grad_norm: max norm of the accumulated gradient, or None.
         partial_window: "step" (normalise a short last window by its own N) or "drop".
+        loss_chunk_size: positions per cross-entropy chunk (see `losses.per_item_losses`), or
+            None for one piece.
+        noise_scale: also measure the first micro-batch's gradient norm, so that each record
+            carries what `accumlab.noise.NoiseScale` needs (`extra["small_sq"]` etc.).
     """
 
     def __init__(
@@ -81,6 +85,8 @@ class Accumulator:
         scaler: torch.amp.GradScaler | None = None,
         clip_grad_norm: float | None = None,
         partial_window: str = "step",
+        loss_chunk_size: int | None = None,
+        noise_scale: bool = False,
     ):
         if not isinstance(accum_steps, int) or accum_steps < 1:
             raise ValueError(f"accum_steps must be an integer >= 1, got {accum_steps!r}")
@@ -99,24 +105,30 @@ class Accumulator:
         self.scaler = scaler
         self.clip_grad_norm = clip_grad_norm
         self.partial_window = partial_window
+        self.loss_chunk_size = loss_chunk_size
+        self.noise_scale = noise_scale
         self._warned_mean_of_means = False
 
-    def windows(self, micro_batches: Iterable[dict]) -> Iterator[Window]:
+    def windows(self, micro_batches: Iterable[dict], sizes=None) -> Iterator[Window]:
         """Yield windows of k micro-batches (a short last one per `partial_window`).
 
         Call once per epoch: windows never cross the end of the iterable. Every rank must
         yield the same number of windows (a distributed sampler gives each rank equal shares).
+        `sizes()`, if given, returns k for the next window (a batch-size ramp); it is called
+        when that window starts to be read, after the previous window's step.
         """
+        target = sizes() if sizes else self.accum_steps
         group: list[dict] = []
         for batch in micro_batches:
             group.append(batch)
-            if len(group) == self.accum_steps:
-                yield self._make_window(group)
+            if len(group) == target:
+                yield self._make_window(group, target)
                 group = []
+                target = sizes() if sizes else self.accum_steps
         if group and self.partial_window == "step":
-            yield self._make_window(group)
+            yield self._make_window(group, target)
 
-    def _make_window(self, batches: list[dict]) -> Window:
+    def _make_window(self, batches: list[dict], target: int) -> Window:
         counts = [count_items(b["labels"], self.task, self.normalization) for b in batches]
         local = sum(counts)
         total = local
@@ -136,20 +148,22 @@ class Accumulator:
                 MeanOfMeansWarning,
                 stacklevel=3,
             )
-        return Window(self, batches, counts, total)
+        return Window(self, batches, counts, total, target)
 
 
 class Window:
     """One accumulation window. Iterate it for the micro-batches, then call `step()` once."""
 
-    def __init__(self, acc: Accumulator, batches: list[dict], counts: list[int], total: int):
+    def __init__(self, acc: Accumulator, batches: list[dict], counts: list[int], total: int,
+                 target: int | None = None):
         self.acc = acc
         self.micro_batches = batches
         self.item_counts = counts
         self.n_items = total  # N, summed over micro-batches and ranks
-        self.is_partial = len(batches) < acc.accum_steps
+        self.is_partial = len(batches) < (target or acc.accum_steps)
         self._index = -1
         self._loss_sum: torch.Tensor | None = None  # L_W accumulated on device, no host sync
+        self._small_sq: torch.Tensor | None = None  # |grad of micro-batch 0|^2, for noise scale
 
     @property
     def is_empty(self) -> bool:
@@ -174,7 +188,7 @@ class Window:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of L_W, ready for backward (scaled for DDP averaging)."""
         acc = self.acc
-        total = summed_loss(logits, labels, acc.task, acc.normalization)
+        total = summed_loss(logits, labels, acc.task, acc.normalization, acc.loss_chunk_size)
         if acc.normalization == "mean_of_means":
             n_j = self.item_counts[self._index]
             share = total / max(n_j, 1) / len(self.micro_batches)
@@ -193,13 +207,31 @@ class Window:
             self.acc.scaler.scale(loss).backward()
         else:
             loss.backward()
+        if self.acc.noise_scale and self._index == 0 and len(self) > 1:
+            self._small_sq = self._first_micro_batch_sq_norm()
+
+    def _first_micro_batch_sq_norm(self) -> torch.Tensor:
+        """|mean gradient of micro-batch 0|^2 (local to this rank), read from .grad on device.
+
+        After the first backward .grad = (sum of its item gradients) / N, times the world size
+        under DDP and the loss scale under fp16; the micro-batch's own mean multiplies by N/n_0.
+        """
+        grads = [p.grad for p in self.acc.model.parameters() if p.grad is not None]
+        factor = self.n_items / max(self.item_counts[0], 1) / distributed.world_size()
+        if self.acc.scaler is not None:
+            factor = factor / self.acc.scaler.get_scale()
+        return (torch.nn.utils.get_total_norm(grads).double() * factor) ** 2
 
     def logged_loss(self) -> float:
         """L_W over all ranks (one host sync, at the end of the window)."""
         if self._loss_sum is None:
             return float("nan")
+        return float(self._global_loss_sum())
+
+    def _global_loss_sum(self) -> torch.Tensor:
+        """L_W summed over ranks, still on the device (no host sync)."""
         value = self._loss_sum.to(distributed.collective_device()).reshape(1).clone()
-        return float(distributed.all_reduce_sum(value).item())
+        return distributed.all_reduce_sum(value).reshape(())
 
     def step(self) -> WindowRecord:
         """Clip, unscale, step the optimizer and scheduler, and zero gradients: once."""
@@ -219,17 +251,19 @@ class Window:
                 opt.zero_grad(set_to_none=True)
             return WindowRecord(float("nan"), 0, len(self), 0.0, lr, False, "no labelled items")
 
-        loss = self.logged_loss()
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"the window loss is {loss}: training diverged or the data holds invalid "
-                "values. Lower the learning rate, turn on clip_grad_norm, or use a wider "
-                "precision (fp32 instead of fp16)."
-            )
+        loss_t = self._global_loss_sum()
         if opt is None:
+            loss = self._checked(float(loss_t))
             return WindowRecord(loss, self.n_items, len(self), float("nan"), lr, False)
 
         scaler = acc.scaler
+        # Without a GradScaler, a fused optimizer can skip the update on device when L_W is not
+        # finite, so the host reads L_W only after the step is queued (one sync per window).
+        guard_on_device = scaler is None and _supports_found_inf(opt) and loss_t.is_cuda
+        if guard_on_device:
+            opt.found_inf = (~torch.isfinite(loss_t)).float().reshape(())
+        else:
+            self._checked(float(loss_t))
         if scaler is not None:
             scaler.unscale_(opt)
         if acc.clip_grad_norm is not None:
@@ -244,11 +278,34 @@ class Window:
             stepped = scaler.get_scale() >= scale_before  # the scale drops when grads overflowed
         else:
             opt.step()
+            if guard_on_device:
+                del opt.found_inf
+        loss = self._checked(float(loss_t))  # raises before the scheduler if L_W was not finite
         if stepped and acc.scheduler is not None:
             acc.scheduler.step()
         opt.zero_grad(set_to_none=True)
         reason = None if stepped else "fp16 overflow: GradScaler skipped the step"
-        return WindowRecord(loss, self.n_items, len(self), float(norm), lr, stepped, reason)
+        extra = {}
+        if self._small_sq is not None:
+            extra = {"small_sq": float(self._small_sq), "small_items": self.item_counts[0],
+                     "big_sq": float(norm) ** 2, "big_items": self.n_items}
+        return WindowRecord(loss, self.n_items, len(self), float(norm), lr, stepped, reason,
+                            extra)
+
+    def _checked(self, loss: float) -> float:
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the window loss is {loss}: training diverged or the data holds invalid "
+                "values. Lower the learning rate, turn on clip_grad_norm, or use a wider "
+                "precision (fp32 instead of fp16). The weights were not updated."
+            )
+        return loss
+
+
+def _supports_found_inf(optimizer) -> bool:
+    """Fused torch optimizers read `found_inf` and skip their update on device when it is 1."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups)
 
 
 def accumulate_gradients(

@@ -48,3 +48,42 @@ def test_cuda_accumulated_equals_single_batch_after_training():
         accumlab.train(model, data, cfg)
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert float((finals[0] - finals[1]).norm() / finals[0].norm()) < 1e-10
+
+
+@cuda
+def test_cuda_non_finite_loss_leaves_the_weights_untouched():
+    """On CUDA the fused AdamW step is guarded on device (found_inf): no sync before it."""
+    model = make_model("gpt2", "tiny")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def poison(entry):  # break the weights after step 1 so that step 2's loss is NaN
+        with torch.no_grad():
+            model.transformer.wte.weight.fill_(float("nan"))
+            before[:] = [p.detach().clone() for p in model.parameters()]
+
+    cfg = accumlab.TrainConfig(micro_batch_size=4, accum_steps=2, max_steps=3, lr=1e-3,
+                               device="cuda", progress=False)
+    with pytest.raises(FloatingPointError, match="weights were not updated"):
+        accumlab.train(model, random_lm_data(32, seed=53), cfg, callbacks=[poison])
+    for a, b in zip(before, model.parameters()):
+        assert torch.equal(a.nan_to_num(), b.detach().nan_to_num())
+
+
+@cuda
+def test_cuda_chunked_loss_lowers_peak_memory_and_keeps_the_gradient():
+    from accumlab.losses import summed_loss
+
+    logits = torch.randn(8, 512, 8192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 8192, (8, 512), device="cuda")
+    peaks, grads = [], []
+    for chunk in (None, 1024):
+        logits.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        summed_loss(logits, labels, "causal_lm", chunk_size=chunk).backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        grads.append(logits.grad.clone())
+    assert torch.equal(grads[0], grads[1])
+    assert peaks[1] < 0.6 * peaks[0], peaks
