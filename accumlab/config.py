@@ -21,7 +21,7 @@ RESUME_FIELDS = (
     "micro_batch_size", "accum_steps", "lr", "optimizer", "weight_decay", "momentum", "betas",
     "warmup_steps", "schedule", "min_lr_ratio", "clip_grad_norm", "precision",
     "loss_normalization", "partial_window", "shuffle", "seed", "task", "lr_scaling", "base_batch",
-    "batch_ramp_tokens", "seq_len_warmup_steps", "seq_len_start",
+    "batch_ramp_tokens", "seq_len_warmup_steps", "seq_len_start", "micro_batch_tokens",
 )
 
 
@@ -73,6 +73,7 @@ class TrainConfig:
     noise_scale: bool = False  # record the gradient noise scale B_simple every step
     gradient_checkpointing: bool = False  # recompute block activations in the backward
     loss_chunk_size: int | None = 8192  # positions per cross-entropy chunk (None: one piece)
+    micro_batch_tokens: int | None = None  # token-budget micro-batches (rows x longest)
 
     def __post_init__(self):
         _positive_int(self, "micro_batch_size", "the number of sequences per forward pass")
@@ -125,6 +126,8 @@ class TrainConfig:
             raise ValueError("TrainConfig.batch_ramp_tokens needs max_steps: with a growing "
                              "window the number of steps per epoch is not fixed")
         _positive_int(self, "seq_len_start", "tokens per sequence at the start of the warmup")
+        if self.micro_batch_tokens is not None:
+            _positive_int(self, "micro_batch_tokens", "padded tokens per micro-batch, or None")
         if self.loss_chunk_size is not None:
             _positive_int(self, "loss_chunk_size", "positions per loss chunk, or None")
         self.betas = tuple(self.betas)

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .batching import epoch_order, micro_batches, windows_per_epoch
+from .batching import epoch_order, micro_batch_groups, micro_batches, windows_per_epoch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .collate import pad_collate
 from .config import RESUME_FIELDS, TrainConfig
 from .evaluation import evaluate
 from .losses import IGNORE_INDEX, detect_task
@@ -70,16 +71,23 @@ def train(
     config: TrainConfig,
     eval_data: Sequence | None = None,
     callbacks: Sequence = (),
+    collate: Callable[[list[dict]], dict] | None = None,
 ) -> TrainResult:
     """Train `model` on `train_data` with exact gradient accumulation; see TrainConfig.
 
     `train_data` is a map-style dataset or list of dicts with `input_ids`, optional
     `attention_mask`, and `labels` (token ids for language modelling with -100 to ignore, or an
-    int class). Micro-batches are padded dynamically to their own longest sequence.
+    int class). Micro-batches are padded dynamically to their own longest sequence; rows made
+    by `accumlab.packing.pack_documents` (they carry `position_ids`) are collated with a
+    per-document attention mask. `collate(examples) -> batch` replaces either.
     """
     cfg = config
     _check_data(train_data, cfg)
     distributed.init_from_env()  # under torchrun: join the process group
+    if cfg.micro_batch_tokens and distributed.world_size() > 1:
+        raise ValueError("micro_batch_tokens (token-budget batching) gives ranks different "
+                         "numbers of micro-batches, which DDP cannot step together: use a "
+                         "fixed micro_batch_size, or pack the documents (accumlab.packing)")
     device = resolve_device(cfg.device)
     precision = Precision(cfg.precision, device)
     precision.apply_matmul_settings()
@@ -97,10 +105,16 @@ def train(
     effective = cfg.micro_batch_size * cfg.accum_steps * ranks
     lr = scaled_lr(cfg.lr, effective, cfg.base_batch or effective, cfg.lr_scaling)
     optimizer = _make_optimizer(model, cfg, device, lr)
-    n_local = len(epoch_order(len(train_data), 0, shuffle=False, seed=cfg.seed))
-    micro_per_epoch = -(-n_local // cfg.micro_batch_size)
-    per_epoch = windows_per_epoch(n_local, cfg.micro_batch_size, cfg.accum_steps,
-                                  cfg.partial_window)
+    collate = collate or _default_collate(train_data, pad_id, precision)
+
+    def epoch_groups(epoch: int) -> list[list[int]]:  # example indices of each micro-batch
+        order = epoch_order(len(train_data), epoch, shuffle=cfg.shuffle, seed=cfg.seed)
+        return micro_batch_groups(train_data, order, cfg.micro_batch_size,
+                                  max_tokens=cfg.micro_batch_tokens, shuffle=cfg.shuffle,
+                                  seed=cfg.seed * 1_000_003 + epoch)
+
+    micro_per_epoch = len(epoch_groups(0))
+    per_epoch = windows_per_epoch(micro_per_epoch, 1, cfg.accum_steps, cfg.partial_window)
     if per_epoch == 0:
         raise ValueError(
             f"{len(train_data)} examples make fewer than accum_steps={cfg.accum_steps} "
@@ -156,13 +170,15 @@ def train(
 
     try:
         while step < total_steps and (cfg.epochs is None or epoch < math.ceil(cfg.epochs)):
-            order = epoch_order(len(train_data), epoch, shuffle=cfg.shuffle, seed=cfg.seed)
-            batches = micro_batches(train_data, order, cfg.micro_batch_size, pad_token_id=pad_id,
-                                    skip=micro_done, seq_len=current_seq_len)
+            groups = epoch_groups(epoch)
+            micro_per_epoch = len(groups)
+            batches = micro_batches(train_data, [], cfg.micro_batch_size, pad_token_id=pad_id,
+                                    groups=groups, collate=collate, skip=micro_done,
+                                    seq_len=current_seq_len)
             steps_before, micro_before = step, micro_done
             for window in engine.windows(batches, sizes=next_window_size):
                 t0 = time.perf_counter()
-                tokens = sum(int(b["attention_mask"].sum()) for b in window.micro_batches)
+                tokens = sum(_real_tokens(b, pad_id) for b in window.micro_batches)
                 on_device = [_to_device(b, device) for b in window.micro_batches]  # copies queued
                 with _explain_oom(cfg, step):
                     for i, batch in enumerate(window):
@@ -275,6 +291,23 @@ def _wrap_for_training(model: torch.nn.Module, device: torch.device, cfg: TrainC
     if cfg.compile:
         net = torch.compile(net)
     return net
+
+
+def _default_collate(data: Sequence, pad_id: int, precision: Precision):
+    if "position_ids" not in data[0]:
+        return lambda examples: pad_collate(examples, pad_id)
+    from .packing import packed_collate
+
+    # sdpa needs the additive mask in the dtype of the queries' parameters (fp32 or fp64)
+    return lambda rows: packed_collate(rows, pad_id, mask_dtype=precision.param_dtype)
+
+
+def _real_tokens(batch: dict, pad_id: int) -> int:
+    """Tokens that are not padding (packed rows carry a 4-D mask: count non-pad ids)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return int(mask.sum())
+    return int((batch["input_ids"] != pad_id).sum())
 
 
 def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:

@@ -208,3 +208,49 @@ def test_model_without_checkpointing_support_is_a_clear_error():
 
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         accumlab.train(Tiny(), random_lm_data(8), _cfg(gradient_checkpointing=True))
+
+
+# ------------------------------------------------------------------ token budgets and packing
+
+
+def _one_step_params(data, **kw):
+    model = make_model("gpt2", "tiny", dtype=torch.float64, seed=2)
+    cfg = _cfg(max_steps=1, precision="fp64", optimizer="sgd", lr=0.5, shuffle=False, **kw)
+    accumlab.train(model, data, cfg)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_token_budget_micro_batches_give_the_single_batch_update():
+    data = random_lm_data(12, seed=8, min_len=3, max_len=40)
+    whole = _one_step_params(data, micro_batch_size=12, accum_steps=1)
+    budget = _one_step_params(data, micro_batch_size=12, accum_steps=12, micro_batch_tokens=60)
+    assert float((whole - budget).norm() / whole.norm()) < 1e-12
+
+
+def test_token_budget_micro_batches_stay_within_the_budget_and_cover_the_epoch():
+    from accumlab.collate import pad_collate
+
+    data = random_lm_data(40, seed=9, min_len=3, max_len=40)
+    shapes = []
+
+    def spy(examples):
+        batch = pad_collate(examples, 1)
+        shapes.append(tuple(batch["input_ids"].shape))
+        return batch
+
+    accumlab.train(make_model("gpt2", "tiny"), data,
+                   _cfg(micro_batch_size=8, accum_steps=2, epochs=1, max_steps=None,
+                        micro_batch_tokens=64), collate=spy)
+    assert all(rows * width <= 64 and rows <= 8 for rows, width in shapes)
+    assert sum(rows for rows, _ in shapes) == 40  # every example once
+
+
+def test_packed_rows_train_like_the_documents_in_one_padded_batch():
+    from accumlab.packing import pack_documents
+
+    docs = random_lm_data(10, seed=10, min_len=3, max_len=20)
+    rows = pack_documents(docs, block_size=48)
+    assert len(rows) < len(docs)
+    unpacked = _one_step_params(docs, micro_batch_size=10, accum_steps=1)
+    packed = _one_step_params(rows, micro_batch_size=2, accum_steps=-(-len(rows) // 2))
+    assert float((packed - unpacked).norm() / unpacked.norm()) < 1e-12
