@@ -125,3 +125,10 @@ def test_no_plotly_or_widget_output_can_be_compared(name):
         if CHECK_TAG in _tags(cell):
             last = cell.source.strip().splitlines()[-1]
             assert not re.match(r"^(panel|live|widgets\.|viz\.)", last), (name, last)
+
+
+@pytest.mark.parametrize("name", COURSE)
+def test_links_to_other_notebooks_resolve(name):
+    text = "".join(c.source for c in _load(name).cells if c.cell_type == "markdown")
+    for target in re.findall(r"\]\(([\w./-]+\.ipynb)\)", text):
+        assert (NOTEBOOK_DIR / target).exists(), f"{name} links to missing {target}"
