@@ -14,15 +14,18 @@ from .metrics import accuracy, macro_f1, perplexity
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module, data: Sequence, *, task: str, batch_size: int = 32,
-    device: torch.device | str | None = None, pad_token_id: int = 0,
+    device: torch.device | str | None = None, pad_token_id: int = 0, collate=None,
+    loss_chunk_size: int | None = None,
 ) -> dict:
     """Metrics of `model` on `data` (same format as training data), averaged over all items.
 
     Language models: `loss` (mean token cross-entropy) and `perplexity`. Classifiers: `loss`,
     `accuracy` and macro `f1`. The model is put back in its previous train/eval mode.
+    `collate(examples)` makes a batch (default: pad to the longest).
     """
     if len(data) == 0:
         raise ValueError("eval data is empty")
+    collate = collate or (lambda examples: pad_collate(examples, pad_token_id))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -31,12 +34,11 @@ def evaluate(
     labels_seen: list[int] = []
     try:
         for start in range(0, len(data), batch_size):
-            batch = pad_collate([data[i] for i in range(start, min(start + batch_size,
-                                                                   len(data)))], pad_token_id)
+            batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             logits = model(**inputs).logits
             labels = batch["labels"]
-            total_loss += float(per_item_losses(logits, labels, task).sum())
+            total_loss += float(per_item_losses(logits, labels, task, loss_chunk_size).sum())
             total_items += count_items(labels, task)
             if task == "classification":
                 predictions += logits.argmax(dim=-1).tolist()

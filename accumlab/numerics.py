@@ -3,7 +3,7 @@
 The experiments of notebooks/08_mixed_precision.ipynb, measured against a float64 reference:
 
 - `format_facts`: exponent and mantissa bits, epsilon, range of fp32/bf16/fp16 (torch.finfo);
-- `window_gradient` / `precision_errors`: the gradient a window's micro-batches leave in `.grad`
+- `precision_gradient` / `precision_errors`: the gradient a window's micro-batches leave in `.grad`
   under fp32, bf16 autocast, fp16 autocast without and with a GradScaler, its relative error,
   and how many per-token gradient entries (d loss / d logits) underflow to exactly zero;
 - `window_scan`: the same for windows of k micro-batches: the loss is divided by the window's
@@ -112,7 +112,7 @@ def _check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def window_gradient(
+def precision_gradient(
     model: torch.nn.Module,
     micro_batches: Sequence[dict],
     precision: str,
@@ -230,11 +230,11 @@ def precision_errors(
     scale and how many overflows the GradScaler met first.
     """
     common = dict(window_items=window_items, task=task, device=device)
-    reference = window_gradient(model, micro_batches, "fp64", **common)
+    reference = precision_gradient(model, micro_batches, "fp64", **common)
     records = []
     for precision in precisions:
         got = (reference if precision == "fp64" else
-               window_gradient(model, micro_batches, precision, init_scale=init_scale,
+               precision_gradient(model, micro_batches, precision, init_scale=init_scale,
                                **common))
         records.append({
             "precision": precision,
@@ -315,12 +315,12 @@ def accumulation_errors(
     float64 gradient of the whole window as one batch."""
     task = task or detect_task(model)
     whole = [pad_collate(examples, pad_token_id)]
-    reference = window_gradient(model, whole, "fp64", task=task, device=device).vector
+    reference = precision_gradient(model, whole, "fp64", task=task, device=device).vector
     records = []
     for k in ks:
         batches = [pad_collate(chunk, pad_token_id) for chunk in split_evenly(examples, k)]
         for name in grad_dtypes:
-            got = window_gradient(model, batches, precision, grad_dtype=DTYPES[name],
+            got = precision_gradient(model, batches, precision, grad_dtype=DTYPES[name],
                                   task=task, device=device)
             records.append({"k": k, "grad_dtype": name, "precision": precision,
                             "rel_error": relative_difference(got.vector, reference)})

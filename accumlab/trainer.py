@@ -394,7 +394,9 @@ def _eval_due(every, step: int, epoch_end: bool) -> bool:
 def _evaluate(net, data, task, cfg, device, precision, pad_id) -> dict:
     with precision.autocast():
         return evaluate(net, data, task=task, batch_size=cfg.eval_batch_size or
-                        cfg.micro_batch_size, device=device, pad_token_id=pad_id)
+                        cfg.micro_batch_size, device=device, pad_token_id=pad_id,
+                        collate=_default_collate(data, pad_id, precision),
+                        loss_chunk_size=cfg.loss_chunk_size)
 
 
 class _EvalTracker:

@@ -57,10 +57,10 @@ def test_underflow_fraction_on_a_hand_made_tensor():
 def test_autocast_keeps_float32_grads_and_16_bit_logits(tiny, one_batch):
     for precision, logits in (("fp32", torch.float32), ("bf16", torch.bfloat16),
                               ("fp16", torch.float16), ("fp16+scaler", torch.float16)):
-        got = numerics.window_gradient(tiny, [one_batch], precision)
+        got = numerics.precision_gradient(tiny, [one_batch], precision)
         assert got.grad_dtype == torch.float32, precision
         assert got.logits_dtype == logits, precision
-    bf16_grad = numerics.window_gradient(tiny, [one_batch], "bf16", grad_dtype=torch.bfloat16)
+    bf16_grad = numerics.precision_gradient(tiny, [one_batch], "bf16", grad_dtype=torch.bfloat16)
     assert bf16_grad.grad_dtype == torch.bfloat16
     assert next(tiny.parameters()).grad is None  # the caller's model is untouched
 
@@ -103,7 +103,7 @@ def test_window_scan_of_one_micro_batch_is_the_whole_window(tiny):
 
 
 def test_a_scaler_that_overflows_halves_its_scale_and_retries(tiny, one_batch):
-    got = numerics.window_gradient(tiny, [one_batch], "fp16+scaler", init_scale=2.0**22)
+    got = numerics.precision_gradient(tiny, [one_batch], "fp16+scaler", init_scale=2.0**22)
     assert got.overflow_retries > 0
     assert got.loss_scale == 2.0**22 / 2**got.overflow_retries
     assert torch.isfinite(got.vector).all()
@@ -111,11 +111,11 @@ def test_a_scaler_that_overflows_halves_its_scale_and_retries(tiny, one_batch):
 
 def test_bad_arguments_say_what_to_change(tiny, one_batch):
     with pytest.raises(ValueError, match="precision must be one of"):
-        numerics.window_gradient(tiny, [one_batch], "fp8")
+        numerics.precision_gradient(tiny, [one_batch], "fp8")
     with pytest.raises(ValueError, match="must be at least"):
-        numerics.window_gradient(tiny, [one_batch], "fp32", window_items=3)
+        numerics.precision_gradient(tiny, [one_batch], "fp32", window_items=3)
     with pytest.raises(ValueError, match="GradScaler unscales float32"):
-        numerics.window_gradient(tiny, [one_batch], "fp16+scaler", grad_dtype=torch.float16)
+        numerics.precision_gradient(tiny, [one_batch], "fp16+scaler", grad_dtype=torch.float16)
 
 
 def test_a_16_bit_grad_accumulates_worse_as_k_grows(tiny):

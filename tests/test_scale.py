@@ -254,3 +254,15 @@ def test_packed_rows_train_like_the_documents_in_one_padded_batch():
     unpacked = _one_step_params(docs, micro_batch_size=10, accum_steps=1)
     packed = _one_step_params(rows, micro_batch_size=2, accum_steps=-(-len(rows) // 2))
     assert float((packed - unpacked).norm() / unpacked.norm()) < 1e-12
+
+
+def test_packed_eval_data_is_evaluated_per_document():
+    from accumlab.evaluation import evaluate
+    from accumlab.packing import pack_documents
+
+    docs = random_lm_data(10, seed=11, min_len=3, max_len=20)
+    model = make_model("gpt2", "tiny", dtype=torch.float64, seed=2)
+    cfg = _cfg(max_steps=1, precision="fp64", lr=1e-9, eval_every=1)
+    result = accumlab.train(model, docs, cfg, eval_data=pack_documents(docs, block_size=48))
+    unpacked = evaluate(model, docs, task="causal_lm", pad_token_id=1)
+    assert result.eval_metrics["loss"] == pytest.approx(unpacked["loss"], rel=1e-12)
