@@ -46,3 +46,20 @@ def test_two_ranks_micro_2_k_2_equal_one_process_micro_8(tmp_path):
 def test_without_no_sync_every_micro_batch_all_reduces(tmp_path):
     report = _torchrun(tmp_path, accum_steps=4, no_sync="off")
     assert report["per_step"] == [4, 4, 4]
+
+
+def test_parallel_lab_counts_all_reduces_and_bytes_and_matches_one_process(tmp_path):
+    """accumlab.parallel_lab (notebook 09's worker): 2 ranks under torchrun, k = 1 and 2."""
+    from accumlab import parallel_lab
+
+    report = parallel_lab.launch(str(tmp_path), nproc=2, micro=2, ks=(1, 2), steps=2)
+    rows = {r["run"]: r for r in parallel_lab.communication_table(report)}
+    assert rows["k1_no_sync"]["all_reduces_per_step"] == 1
+    assert rows["k2_no_sync"]["all_reduces_per_step"] == 1
+    assert rows["k2_sync_every_micro_batch"]["all_reduces_per_step"] == 2
+    for row in rows.values():  # measured bytes = all-reduces x all gradient bytes
+        assert row["bytes_per_step"] == row["predicted_bytes_per_step"] > 0
+    assert rows["k2_no_sync"]["bytes_per_token"] < rows["k1_no_sync"]["bytes_per_token"]
+    ref = parallel_lab.single_process(ranks=2, micro=2, accum_steps=2, steps=2)
+    assert rel_diff(report["params"]["k2_no_sync"], ref["params"]) < 1e-10
+    assert rel_diff(report["params"]["k2_sync_every_micro_batch"], ref["params"]) < 1e-10
