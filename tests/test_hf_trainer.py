@@ -12,38 +12,29 @@ differences.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import params_vector
 
 import accumlab
-from accumlab.collate import pad_collate
 from accumlab.models import make_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from transformers import (  # noqa: E402
-    PrinterCallback,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
+from accumlab.semantics import (  # noqa: E402
+    MICRO,
+    K,
+    accumlab_steps,
+    collate,
+    padded_lm_examples,
+    params_vector,
+    trainer_steps,
 )
 
-N_EXAMPLES, MICRO, K, LR = 22, 2, 4, 0.5
-PAD_ID = 1
-
-
-def lm_examples(n: int = N_EXAMPLES, seed: int = 0) -> list[dict]:
-    """Random causal-LM examples of lengths 5..40 (ids 2..4095), labels = input_ids."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(5, 41, (1,), generator=g))
-        ids = torch.randint(2, 4096, (length,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": list(ids)})
-    return out
+N_EXAMPLES, LR = 22, 0.5
+lm_examples = padded_lm_examples
 
 
 def cls_examples(n: int = N_EXAMPLES, seed: int = 1, num_labels: int = 3) -> list[dict]:
@@ -54,47 +45,15 @@ def cls_examples(n: int = N_EXAMPLES, seed: int = 1, num_labels: int = 3) -> lis
             for d in lm_examples(n, seed)]
 
 
-def collate(examples: list[dict]) -> dict:
-    return pad_collate(examples, PAD_ID)
-
-
-class Snapshot(TrainerCallback):
-    """Keeps a copy of the parameters after every optimizer step of the Trainer."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.after: list[torch.Tensor] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.after.append(params_vector(self.model))
-
-
-def hf_train(model, data, tmp_path, *, micro=MICRO, accum=K, lr=LR, name="hf") -> Snapshot:
-    args = TrainingArguments(
-        output_dir=str(tmp_path / name), per_device_train_batch_size=micro,
-        gradient_accumulation_steps=accum, num_train_epochs=1, learning_rate=lr, optim="sgd",
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-        train_sampling_strategy="sequential", remove_unused_columns=False,
-        dataloader_num_workers=0, use_cpu=True, report_to="none", save_strategy="no",
-        logging_strategy="no", disable_tqdm=True, seed=0,
-    )
-    snap = Snapshot(model)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                      callbacks=[snap])
-    trainer.remove_callback(PrinterCallback)  # it prints the final metrics dict
-    trainer.train()
-    snap.trainer = trainer
-    return snap
+def hf_train(model, data, tmp_path=None, *, micro=MICRO, accum=K, lr=LR, name="hf"):
+    """The Trainer's parameter snapshots (`.after`) and the trainer itself (`.trainer`)."""
+    after, trainer = trainer_steps(model, data, micro=micro, accum=accum, lr=lr)
+    return SimpleNamespace(after=after, trainer=trainer)
 
 
 def accumlab_train(model, data, *, micro=MICRO, accum=K, lr=LR, **overrides) -> list:
     """Train with accumlab; returns the parameters after every optimizer step."""
-    after = []
-    cfg = accumlab.TrainConfig(micro_batch_size=micro, accum_steps=accum, epochs=1,
-                               optimizer="sgd", lr=lr, shuffle=False, partial_window="step",
-                               progress=False, device="cpu", **overrides)
-    accumlab.train(model, data, cfg, callbacks=[lambda entry: after.append(params_vector(model))])
-    return after
+    return accumlab_steps(model, data, micro=micro, accum=accum, lr=lr, **overrides)
 
 
 def per_tensor_max_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
