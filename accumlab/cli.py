@@ -1,4 +1,4 @@
-"""The `accumlab` command line: train, demo, compare."""
+"""The `accumlab` command line: train, demo, compare, check, plan."""
 
 from __future__ import annotations
 
@@ -188,6 +188,33 @@ def cmd_check(args) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_plan(args) -> int:
+    """Recommend micro-batch x accumulation steps (x checkpointing) for a GPU, and say why."""
+    from pathlib import Path
+
+    from .memory import ModelShape
+    from .planner import parse_bytes, plan_training
+
+    if Path(args.model).exists():  # a local config.json or model folder
+        from .models import load_config
+
+        shape = ModelShape.from_config(load_config(args.model))
+    else:
+        shape = ModelShape.named(args.model)
+    if args.seq_len > shape.positions:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than {args.model}'s "
+                         f"{shape.positions} positions")
+    gpu = parse_bytes(args.gpu_memory)
+    plan = plan_training(gpu, shape, args.seq_len, args.global_batch_tokens, args.precision,
+                         attention=args.attention, checkpointing=args.checkpointing,
+                         loss_chunk_size=args.loss_chunk_size, ranks=args.ranks,
+                         headroom=args.headroom, optimizer=args.optimizer)
+    print(f"{args.model} on {args.gpu_memory} ({gpu / 2**30:.2f} GiB) per GPU, "
+          f"{args.precision}, {args.attention} attention, checkpointing {args.checkpointing}")
+    print(plan)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `accumlab` command."""
     parser = argparse.ArgumentParser(prog="accumlab", description=__doc__)
@@ -231,6 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
                                   "scaler=None, loss_fn=None, max_grad_norm=None)")
     p.add_argument("--accum-steps", type=int, default=4)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("plan", help="recommend micro-batch x accumulation steps for a GPU "
+                                    "from the memory model, and say why")
+    p.add_argument("--gpu-memory", required=True,
+                   help="memory of one GPU: 16GB (10^9 bytes), 16GiB or 80G (2^30 bytes)")
+    p.add_argument("--model", default="gpt2-small",
+                   help="a model name (gpt2-small, gpt2-medium, bert-base, llama-3.2-1b, "
+                        "llama-3.1-8b, tinyllama-1.1b, accumlab's tiny..medium) or a local "
+                        "config.json / model folder")
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--global-batch-tokens", type=int, required=True,
+                   help="tokens per optimizer step over all ranks")
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16", "fp64"))
+    p.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
+    p.add_argument("--checkpointing", default="auto", choices=("auto", "on", "off"))
+    chunk = TrainConfig.__dataclass_fields__["loss_chunk_size"].default
+    p.add_argument("--loss-chunk-size", type=_none_or(int), default=chunk,
+                   help="positions per cross-entropy chunk, or none for one piece (default: "
+                        f"TrainConfig.loss_chunk_size = {chunk})")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd", "sgd_momentum"))
+    p.add_argument("--ranks", type=int, default=1, help="data-parallel GPUs")
+    p.add_argument("--headroom", type=float, default=0.10,
+                   help="fraction of the GPU kept free for the CUDA context and allocator")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

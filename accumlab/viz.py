@@ -188,3 +188,30 @@ __all__ = [
     "comparison_bars", "equivalence_figure", "format_table", "lines_figure",
     "loss_curves_figure", "memory_figure", "partition_figure",
 ]
+
+
+def memory_by_length_figure(records: Sequence[Mapping], highlight: int | None = None,
+                            budget_gib: float | None = None,
+                            title: str | None = None) -> go.Figure:
+    """Stacked bars of predicted memory components (`memory.predict_memory` records) by
+    sequence length, in GiB; optional GPU budget line and a highlighted length."""
+    xs = [str(r["seq_len"]) for r in records]
+    fig = go.Figure()
+    for key, name, color in MEMORY_PARTS:
+        values = [r.get(key, 0) / GIB for r in records]
+        if any(values):
+            fig.add_bar(x=xs, y=values, name=name, marker_color=color,
+                        hovertemplate="%{y:.2f} GiB<extra>" + name + "</extra>")
+    if budget_gib is not None:
+        fig.add_hline(y=budget_gib, line_dash="dash", line_color="black",
+                      annotation_text=f"{budget_gib:.1f} GiB", annotation_position="top left")
+    if highlight is not None and str(highlight) in xs:
+        i = xs.index(str(highlight))
+        fig.add_vrect(x0=i - 0.45, x1=i + 0.45, fillcolor="gold", opacity=0.25, line_width=0)
+    fig.update_layout(barmode="stack", xaxis_title="sequence length (tokens)",
+                      yaxis_title="predicted peak (GiB)", title=title, **_LAYOUT)
+    fig.update_xaxes(type="category")
+    return fig
+
+
+__all__ += ["memory_by_length_figure"]

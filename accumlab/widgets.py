@@ -420,3 +420,73 @@ __all__ = [
     "FigureView", "LiveLossPlot", "Panel", "equivalence_panel", "figure_mode", "memory_panel",
     "memory_result", "partition_panel", "plan_panel", "window_report",
 ]
+
+
+# ---------------------------------------------------------------- 07: long sequences
+
+LONG_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
+PLAN_MODELS = ("gpt2-small", "gpt2-medium", "tinyllama-1.1b", "llama-3.2-1b")
+
+
+def long_sequence_result(model: str, gpu: str, seq_len: int, checkpointing: str,
+                         attention: str, loss_chunk_size, global_batch_tokens: int) -> dict:
+    """The long-sequence panel's data: the plan for this length (or why nothing fits) and
+    the predicted peak of micro-batch 1 at every length (`accumlab.planner`, `memory`)."""
+    from .planner import PlanError, parse_bytes, plan_training
+
+    named = memory.ModelShape.named(model)
+    shape = memory.ModelShape(**{**named.to_dict(),
+                                 "positions": max(named.positions, max(LONG_SEQ_LENS))})
+    chunk = None if loss_chunk_size == "none" else int(loss_chunk_size)
+    sweep = [memory.predict_memory(shape, 1, s, "bf16", attention=attention,
+                                   checkpointing=checkpointing == "on", loss_chunk_size=chunk)
+             for s in LONG_SEQ_LENS]
+    try:
+        plan, error = plan_training(gpu, shape, seq_len, global_batch_tokens, "bf16",
+                                    attention=attention, checkpointing=checkpointing,
+                                    loss_chunk_size=chunk), None
+    except PlanError as e:
+        plan, error = None, str(e)
+    return {"model": model, "seq_len": seq_len, "sweep": sweep, "plan": plan, "error": error,
+            "gpu_gib": parse_bytes(gpu) / memory.GIB}
+
+
+def long_sequence_panel(model: str = "gpt2-small", gpu: str = "24GB", seq_len: int = 1024,
+                        checkpointing: str = "auto", attention: str = "sdpa",
+                        loss_chunk_size="none", global_batch_tokens: int = 2**19,
+                        **kwargs) -> Panel:
+    """Sequence length, checkpointing, attention and loss chunks -> the planner's split and
+    the predicted peak of one sequence per micro-batch at every length."""
+    controls = {
+        "model": _dropdown("model", PLAN_MODELS, model),
+        "gpu": _dropdown("GPU", ("12GB", "16GB", "24GB", "40GB", "80GB"), gpu),
+        "seq_len": _slider("sequence length", LONG_SEQ_LENS, seq_len),
+        "checkpointing": _dropdown("checkpointing", ("auto", "on", "off"), checkpointing),
+        "attention": _dropdown("attention", ("sdpa", "eager"), attention),
+        "loss_chunk_size": _dropdown("loss chunk (positions)", ("none", "1024", "8192"),
+                                     loss_chunk_size),
+    }
+
+    def compute(**values):
+        return long_sequence_result(global_batch_tokens=global_batch_tokens, **values)
+
+    def describe(r):
+        if r["plan"] is None:
+            return f"<b style='color:#b00'>nothing fits</b>: {html.escape(r['error'])}"
+        p = r["plan"]
+        ck = " with activation checkpointing" if p.checkpointing else ""
+        return (f"{r['model']}, {r['seq_len']} tokens per sequence: micro-batch "
+                f"<b>{p.micro_batch}</b> × <b>{p.accum_steps}</b> accumulation steps{ck}, "
+                f"predicted peak <b>{memory.gib(p.predicted['total']):.1f} GiB</b> of "
+                f"{r['gpu_gib']:.1f} GiB; {p.tokens_per_step:,} tokens per optimizer step")
+
+    def render(r):
+        highlight = r["seq_len"]
+        return viz.memory_by_length_figure(r["sweep"], highlight=highlight,
+                                           budget_gib=r["gpu_gib"],
+                                           title="predicted peak, one sequence per micro-batch")
+
+    return Panel(controls, compute, describe, render, **kwargs)
+
+
+__all__ += ["long_sequence_panel", "long_sequence_result"]

@@ -54,3 +54,33 @@ def test_compare_prints_a_table(capsys):
                  "--max-length", "32"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:2] == ["precision", "k"] and len(lines) == 3
+
+
+def test_plan_prints_the_split_and_the_reasons(capsys):
+    assert main(["plan", "--gpu-memory", "16GB", "--model", "gpt2-small", "--seq-len", "1024",
+                 "--global-batch-tokens", "524288"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: micro-batch 8 x 64 accumulation steps" in out
+    assert "524,288 tokens per optimizer step" in out and "over the budget" in out
+
+
+def test_plan_with_options_and_a_local_config(capsys, tmp_path):
+    from accumlab.models import gpt2_config
+
+    gpt2_config("mini", max_positions=512).save_pretrained(tmp_path)
+    assert main(["plan", "--gpu-memory", "80G", "--model", str(tmp_path), "--seq-len", "512",
+                 "--global-batch-tokens", "65536", "--precision", "fp32", "--attention",
+                 "eager", "--checkpointing", "on"]) == 0
+    out = capsys.readouterr().out
+    assert "x activation checkpointing" in out and "(80.00 GiB)" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu-memory", "16XB"], "cannot read a memory size"),
+    (["--gpu-memory", "2GB"], "nothing fits"),
+    (["--gpu-memory", "16GB", "--model", "gpt7"], "unknown model"),
+])
+def test_plan_errors_say_what_to_change(capsys, argv, message):
+    base = ["plan", "--seq-len", "1024", "--global-batch-tokens", "524288"]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
