@@ -41,8 +41,12 @@ class StopTraining(Exception):
     """Raise from a callback to end training cleanly after the current step."""
 
 
-class OutOfMemoryError(RuntimeError):
-    """A micro-batch did not fit in GPU memory; the message suggests a smaller split."""
+class OutOfMemoryError(torch.OutOfMemoryError):
+    """A micro-batch did not fit in GPU memory; the message suggests a smaller split.
+
+    A subclass of torch's own, so `except torch.OutOfMemoryError` (and
+    `planner.find_largest_micro_batch`) catch it too.
+    """
 
 
 @dataclass

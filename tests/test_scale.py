@@ -266,3 +266,30 @@ def test_packed_eval_data_is_evaluated_per_document():
     result = accumlab.train(model, docs, cfg, eval_data=pack_documents(docs, block_size=48))
     unpacked = evaluate(model, docs, task="causal_lm", pad_token_id=1)
     assert result.eval_metrics["loss"] == pytest.approx(unpacked["loss"], rel=1e-12)
+
+
+def test_trainer_out_of_memory_suggests_a_split_and_feeds_the_search():
+    from accumlab.planner import find_largest_micro_batch
+    from accumlab.trainer import OutOfMemoryError
+
+    data = random_lm_data(64, seed=12)
+
+    def make(limit):
+        model = make_model("gpt2", "tiny")
+        forward = model.forward
+
+        def fake_oom_forward(*args, input_ids=None, **kw):
+            if input_ids.shape[0] > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return forward(*args, input_ids=input_ids, **kw)
+
+        model.forward = fake_oom_forward
+        return model
+
+    with pytest.raises(OutOfMemoryError, match="micro_batch_size=4, accum_steps=4"):
+        accumlab.train(make(5), data, _cfg(micro_batch_size=8, accum_steps=2, max_steps=1))
+
+    found = find_largest_micro_batch(
+        lambda micro: accumlab.train(make(6), data, _cfg(micro_batch_size=micro, max_steps=1)),
+        limit=32)
+    assert found["largest"] == 6
