@@ -292,15 +292,19 @@ def logits_bytes(shape: ModelShape, micro_batch: int, seq_len: int, precision: s
     return micro_batch * seq_len * shape.vocab * per_element
 
 
-def estimate_memory(shape: ModelShape, micro_batch: int, seq_len: int, precision: str = "bf16",
-                    optimizer: str = "adamw", attention: str = "eager", dropout: bool = True
-                    ) -> dict:
-    """Every component of one training step's memory, in bytes, and their `total`."""
+def _check_sizes(shape: ModelShape, micro_batch: int, seq_len: int) -> None:
     if micro_batch < 1 or seq_len < 1:
         raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
     if seq_len > shape.positions:
         raise ValueError(f"seq_len={seq_len} is longer than the model's {shape.positions} "
                          "positions")
+
+
+def estimate_memory(shape: ModelShape, micro_batch: int, seq_len: int, precision: str = "bf16",
+                    optimizer: str = "adamw", attention: str = "eager", dropout: bool = True
+                    ) -> dict:
+    """Every component of one training step's memory, in bytes, and their `total`."""
+    _check_sizes(shape, micro_batch, seq_len)
     parts = model_state_bytes(shape.parameters, precision, optimizer)
     parts["activations"] = activation_bytes(shape, micro_batch, seq_len, precision, attention,
                                             dropout)
@@ -555,11 +559,7 @@ def predict_memory(shape: ModelShape, micro_batch: int, seq_len: int, precision:
     and H100 references (bf16, GPT-2 small); `dropout` > 0 adds the textbook 1-byte masks,
     not checked against a measurement.
     """
-    if micro_batch < 1 or seq_len < 1:
-        raise ValueError(f"micro_batch and seq_len must be >= 1, got {micro_batch}, {seq_len}")
-    if seq_len > shape.positions:
-        raise ValueError(f"seq_len={seq_len} is longer than the model's {shape.positions} "
-                         "positions")
+    _check_sizes(shape, micro_batch, seq_len)
     states = model_state_bytes(shape.parameters, precision, optimizer)
     grads_live = accum_steps >= 2
     tokens = micro_batch * seq_len
