@@ -8,17 +8,22 @@ import torch
 
 from accumlab.checkpoint import load_weights
 from accumlab.collate import pad_collate
+from accumlab.corpus import lm_examples
 from accumlab.evaluation import evaluate
 from accumlab.finetune import classifier, finetune, pretrained_dir, seed_train_epoch
 from accumlab.losses import IGNORE_INDEX
 from accumlab.metrics import accuracy, macro_f1
 from accumlab.mlm import MASK_ID, MaskedLMDataset, add_mask_token, mask_tokens
+from accumlab.models import load_model
 from accumlab.textclass import classification_examples
 from accumlab.tokenizer import load_tokenizer
 
-# CI-sized fine-tuning run (measured for issue 7): 512 examples, 3 epochs of 8 x 2 micro-batches
-# (effective batch 16, so that 96 optimizer steps fit in a few seconds).
-CI_TRAIN, CI_EPOCHS, CI_LR, CI_MICRO, CI_K = 512, 3, 1e-3, 8, 2
+# CI-sized fine-tuning run at the seed's effective batch of 64 (32 x 2): 512 examples of at most
+# 64 tokens, 4 epochs = 32 optimizer steps, peak lr 2e-3 (the notebook's). Measured for issue 7
+# with the shipped checkpoint: dev / test accuracy 0.720 / 0.747 from it, 0.497 / 0.497 from a
+# random start (about 45 s for both runs on one busy core).
+CI_TRAIN, CI_EPOCHS, CI_LR, CI_MICRO, CI_K = 512, 4, 2e-3, 32, 2
+CLEAR_GAIN = 0.1  # accuracy points the pretrained start must gain, on dev and on test
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +108,8 @@ def test_shipped_checkpoint_is_small_and_loads(tok):
     size = sum(f.stat().st_size for f in folder.iterdir())
     assert size < 8 * 2**20
     info = json.loads((folder / "pretrain_info.json").read_text())
-    assert info["validation_loss_after"] < info["validation_loss_before"] - 2
+    assert info["validation_loss_after"] < info["validation_loss_before"] - 3
+    assert info["validation_loss_after"] < 5.0  # perplexity under 150 on the corpus
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(folder)
@@ -111,6 +117,16 @@ def test_shipped_checkpoint_is_small_and_loads(tok):
     auto = AutoModelForMaskedLM if info["arch"] == "bert" else AutoModelForCausalLM
     lm = auto.from_pretrained(folder)
     assert lm.config.vocab_size == len(t)
+
+
+def test_shipped_checkpoint_has_the_validation_loss_its_datasheet_states(tok):
+    info = json.loads((pretrained_dir() / "pretrain_info.json").read_text())
+    if info["arch"] != "gpt2":
+        pytest.skip("the masked-LM loss depends on the random masks; checked for the causal LM")
+    lm = load_model(str(pretrained_dir()), task="causal_lm")
+    val = lm_examples(tok, "validation", max_length=info["max_length"])
+    loss = evaluate(lm, val, task="causal_lm", batch_size=64, pad_token_id=1)["loss"]
+    assert loss == pytest.approx(info["validation_loss_after"], rel=1e-4)
 
 
 # ------------------------------------------------------------------ fine-tuning
@@ -131,13 +147,17 @@ def ci_runs(splits, tmp_path_factory):
 
 def test_finetune_from_pretrained_beats_chance_on_test(ci_runs):
     run = ci_runs["pretrained"]
+    assert run["effective_batch"] == 64 and run["steps"] == CI_EPOCHS * CI_TRAIN // 64
     assert len(run["dev_curve"]) == CI_EPOCHS  # evaluated once per epoch
-    assert run["test"]["accuracy"] >= 0.45  # chance is 0.25
+    assert run["test"]["accuracy"] >= 0.6  # chance is 0.25
     assert run["best"]["accuracy"] == max(c["accuracy"] for c in run["dev_curve"])
 
 
-def test_pretrained_start_beats_random_start(ci_runs):
-    assert ci_runs["pretrained"]["best"]["accuracy"] > ci_runs["random"]["best"]["accuracy"]
+def test_pretrained_start_beats_random_start_clearly(ci_runs):
+    pre, rnd = ci_runs["pretrained"], ci_runs["random"]
+    assert pre["best"]["accuracy"] > rnd["best"]["accuracy"] + CLEAR_GAIN  # dev
+    assert pre["test"]["accuracy"] > rnd["test"]["accuracy"] + CLEAR_GAIN
+    assert pre["test"]["f1"] > rnd["test"]["f1"] + CLEAR_GAIN
 
 
 def test_best_checkpoint_reproduces_dev_score(ci_runs, splits):
