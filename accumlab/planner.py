@@ -239,7 +239,7 @@ def find_largest_micro_batch(try_step: Callable[[int], object], start: int = 1,
             ok = True
         except torch.OutOfMemoryError:
             ok = False
-        _free_memory(collect=not ok)  # a failed try's traceback can hold its tensors
+        free_memory(collect=not ok)  # a failed try's traceback can hold its tensors
         tries.append((n, ok))
         return ok
 
@@ -266,7 +266,8 @@ def find_largest_micro_batch(try_step: Callable[[int], object], start: int = 1,
     return {"largest": good, "tries": tries}
 
 
-def _free_memory(collect: bool = True) -> None:
+def free_memory(collect: bool = True) -> None:
+    """Release what a failed or finished try left: garbage, and CUDA's cached blocks."""
     if collect:
         gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():

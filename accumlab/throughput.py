@@ -11,7 +11,6 @@ matrix multiplies, the second the attention scores, as in the PaLM paper's appen
 
 from __future__ import annotations
 
-import gc
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -19,7 +18,8 @@ import torch
 
 from .config import TrainConfig
 from .models import count_parameters
-from .trainer import OutOfMemoryError, train
+from .planner import free_memory
+from .trainer import train
 
 # Dense (no sparsity) peak FLOP/s of the 16-bit tensor cores, from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
@@ -134,10 +134,10 @@ def try_micro_batches(
             history = train(model, data, cfg).history
             rec["tokens_per_s"] = steady_tokens_per_s(history, skip=min(1, steps - 1))
             rec["peak_memory_mb"] = max(r["peak_memory_mb"] for r in history)
-        except (OutOfMemoryError, torch.OutOfMemoryError):
+        except torch.OutOfMemoryError:  # accumlab's OutOfMemoryError is one too
             rec.update(fits=False, tokens_per_s=None, peak_memory_mb=None)
         del model
-        _free_memory()
+        free_memory()
         if rec["fits"] and budget_mb is not None and rec["peak_memory_mb"] > budget_mb:
             rec["fits"] = False
         records.append(rec)
@@ -159,9 +159,3 @@ def accum_steps_for(target_sequences: int, micro_batch: int, ranks: int = 1) -> 
     if micro_batch < 1 or ranks < 1 or target_sequences < 1:
         raise ValueError("target_sequences, micro_batch and ranks must all be >= 1")
     return -(-target_sequences // (micro_batch * ranks))
-
-
-def _free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
