@@ -164,6 +164,7 @@ def train(
         if not cfg.seq_len_warmup_steps:
             return None
         return warmup_seq_len(step, full_len, cfg.seq_len_start, cfg.seq_len_warmup_steps)
+
     _notify(callbacks, "on_train_begin", {"total_steps": total_steps, "task": task,
                                           "effective_batch": effective, "config": cfg,
                                           "model": net, "optimizer": optimizer})
