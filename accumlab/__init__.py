@@ -5,12 +5,18 @@
                                                               accum_steps=8, max_steps=100))
 """
 
-from .config import TrainConfig
-from .doctor import check_loop
-from .equivalence import compare_gradients
-from .losses import IGNORE_INDEX
-from .trainer import OutOfMemoryError, StopTraining, TrainResult, train
-from .window import Accumulator, EmptyWindowWarning, MeanOfMeansWarning, Window, WindowRecord
+from accumlab.doctor import check_loop
+from accumlab.engine.config import TrainConfig
+from accumlab.engine.losses import IGNORE_INDEX
+from accumlab.engine.trainer import OutOfMemoryError, StopTraining, TrainResult, train
+from accumlab.engine.window import (
+    Accumulator,
+    EmptyWindowWarning,
+    MeanOfMeansWarning,
+    Window,
+    WindowRecord,
+)
+from accumlab.lab.equivalence import compare_gradients
 
 __version__ = "0.1.0"
 

@@ -49,9 +49,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import accumlab  # noqa: E402
-from accumlab.collate import pad_collate  # noqa: E402
-from accumlab.models import make_model  # noqa: E402
-from accumlab.throughput import (  # noqa: E402
+from accumlab.engine.collate import pad_collate  # noqa: E402
+from accumlab.engine.models import make_model  # noqa: E402
+from accumlab.lab.throughput import (  # noqa: E402
     corpus_blocks,
     flops_per_token,
     model_shape,

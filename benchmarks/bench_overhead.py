@@ -28,8 +28,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import accumlab  # noqa: E402
-from accumlab.collate import pad_collate  # noqa: E402
-from accumlab.models import make_model  # noqa: E402
+from accumlab.engine.collate import pad_collate  # noqa: E402
+from accumlab.engine.models import make_model  # noqa: E402
 
 MICRO, K, LR = 4, 4, 1e-3
 

@@ -5,7 +5,7 @@ GPT-2, micro-batch 2 x 4 accumulation steps (windows of 4, 4 and 3 micro-batches
 constant LR of 0.5, fp32 on CPU. Every optimizer step is compared with the exact update of its
 window (one batch of the window's examples, token-mean loss, from the same parameters):
 relative difference ||update - exact|| / ||exact|| and the norm ratio. The logic lives in
-`accumlab.semantics`; tests/test_semantics.py asserts the same facts.
+`accumlab.lab.semantics`; tests/test_semantics.py asserts the same facts.
 
     python benchmarks/framework_semantics.py [--json PATH]
 """
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from accumlab import semantics  # noqa: E402
+from accumlab.lab import semantics  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

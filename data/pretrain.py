@@ -1,7 +1,7 @@
 """Pretrain the small checkpoint in data/pretrained/ from the shipped corpus, reproducibly.
 
     python data/pretrain.py                     # the shipped one: GPT-style causal LM, "mini"
-    python data/pretrain.py --arch bert --epochs 3   # BERT-style masked LM (accumlab.mlm)
+    python data/pretrain.py --arch bert --epochs 3   # BERT-style masked LM (accumlab.data.mlm)
     python data/pretrain.py --out /tmp/ckpt --epochs 1   # a quick try elsewhere
 
 It trains with `accumlab.train` (exact accumulation, AdamW, linear warmup then cosine decay,
@@ -28,12 +28,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import accumlab  # noqa: E402
-from accumlab.corpus import lm_examples  # noqa: E402
-from accumlab.evaluation import evaluate  # noqa: E402
-from accumlab.lengths import pack_examples  # noqa: E402
-from accumlab.mlm import MASK_ID, MaskedLMDataset, add_mask_token  # noqa: E402
-from accumlab.models import count_parameters, make_model  # noqa: E402
-from accumlab.tokenizer import load_tokenizer  # noqa: E402
+from accumlab.data.corpus import lm_examples  # noqa: E402
+from accumlab.data.mlm import MASK_ID, MaskedLMDataset, add_mask_token  # noqa: E402
+from accumlab.data.packing import pack_examples  # noqa: E402
+from accumlab.data.tokenizer import load_tokenizer  # noqa: E402
+from accumlab.engine.evaluation import evaluate  # noqa: E402
+from accumlab.engine.models import count_parameters, make_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         if packed:  # documents end with EOS; blocks of exactly max_length tokens
             train_data = pack_examples(train_ex, args.max_length, tok.eos_token_id)
         model = make_model("gpt2", args.size, seed=args.seed, max_positions=args.max_length)
-    task = accumlab.losses.detect_task(model)
+    task = accumlab.engine.losses.detect_task(model)
     n_tokens = sum(len(e["input_ids"]) for e in train_ex)
     print(f"pretrain: {args.arch}-{args.size} ({task}), {count_parameters(model):,} parameters; "
           f"corpus train {len(train_ex)} sequences / {n_tokens:,} tokens, validation "

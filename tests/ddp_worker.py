@@ -9,7 +9,7 @@ from helpers import random_lm_data
 from safetensors.torch import save_model
 
 import accumlab
-from accumlab.models import make_model
+from accumlab.engine.models import make_model
 
 
 class CountAllReduces:
@@ -39,7 +39,7 @@ def main(out_dir: str, accum_steps: int, use_no_sync: str) -> None:
                                lr=1e-2, precision="fp64", shuffle=False, progress=False)
     counter = CountAllReduces()
     if use_no_sync == "off":  # the bug: every micro-batch all-reduces
-        import accumlab.window as window_mod
+        import accumlab.engine.window as window_mod
 
         window_mod.Window.__iter__ = _iter_without_no_sync
     result = accumlab.train(model, random_lm_data(48, seed=40), cfg, callbacks=[counter])

@@ -71,14 +71,14 @@ def test_final_losses_agree_and_training_moved_them(ci_run):
         assert rec["final_loss_spread"] < 1e-6
 
 
-# ------------------------------------------------------------- accumlab.throughput (no GPU)
+# ------------------------------------------------------------- accumlab.lab.throughput (no GPU)
 
 
 def test_flops_per_token_of_gpt2_small_matches_the_anchor():
     import torch
 
-    from accumlab import throughput
-    from accumlab.models import make_model
+    from accumlab.engine.models import make_model
+    from accumlab.lab import throughput
 
     with torch.device("meta"):
         shape = throughput.model_shape(make_model("gpt2", "gpt2-small", max_positions=1024))
@@ -89,7 +89,7 @@ def test_flops_per_token_of_gpt2_small_matches_the_anchor():
 
 
 def test_peak_flops_by_device_name_and_mfu():
-    from accumlab import throughput
+    from accumlab.lab import throughput
 
     assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert throughput.peak_flops("NVIDIA H100 PCIe") == 756e12  # the longer key wins
@@ -99,7 +99,7 @@ def test_peak_flops_by_device_name_and_mfu():
 
 
 def test_accum_steps_round_up_to_reach_the_target():
-    from accumlab import throughput
+    from accumlab.lab import throughput
 
     assert throughput.accum_steps_for(64, 16) == 4
     assert throughput.accum_steps_for(64, 24) == 3
@@ -109,7 +109,7 @@ def test_accum_steps_round_up_to_reach_the_target():
 
 
 def test_fastest_fitting_ignores_sizes_that_did_not_fit():
-    from accumlab import throughput
+    from accumlab.lab import throughput
 
     records = [{"micro_batch": 4, "fits": True, "tokens_per_s": 10.0},
                {"micro_batch": 8, "fits": True, "tokens_per_s": 12.0},
@@ -123,8 +123,8 @@ def test_fastest_fitting_ignores_sizes_that_did_not_fit():
 def test_try_micro_batches_measures_each_size_and_a_budget_rules_sizes_out():
     import torch
 
-    from accumlab import throughput
-    from accumlab.models import make_model
+    from accumlab.engine.models import make_model
+    from accumlab.lab import throughput
 
     torch.set_num_threads(1)
     data = throughput.corpus_blocks(16, 8)

@@ -3,7 +3,7 @@
 import pytest
 
 from accumlab.cli import build_parser, config_from_args, main
-from accumlab.demo import format_demo, run_demo
+from accumlab.cli.demo import format_demo, run_demo
 
 
 def test_train_on_the_shipped_corpus_prints_a_summary(capsys, tmp_path):
@@ -65,7 +65,7 @@ def test_plan_prints_the_split_and_the_reasons(capsys):
 
 
 def test_plan_with_options_and_a_local_config(capsys, tmp_path):
-    from accumlab.models import gpt2_config
+    from accumlab.engine.models import gpt2_config
 
     gpt2_config("mini", max_positions=512).save_pretrained(tmp_path)
     assert main(["plan", "--gpu-memory", "80G", "--model", str(tmp_path), "--seq-len", "512",

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from accumlab import corpus, paths, textclass
-from accumlab.corpus import lm_examples, load_corpus, load_corpus_records, percentiles
-from accumlab.textclass import LABELS, classification_examples, load_classification
-from accumlab.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_tokenizer
+from accumlab.data import corpus, paths, textclass
+from accumlab.data.corpus import lm_examples, load_corpus, load_corpus_records, percentiles
+from accumlab.data.textclass import LABELS, classification_examples, load_classification
+from accumlab.data.tokenizer import EOS_TOKEN, PAD_TOKEN, load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from helpers import params_vector, random_lm_data, rel_diff
 from safetensors.torch import load_model
 
 import accumlab
-from accumlab.models import make_model
+from accumlab.engine.models import make_model
 
 TESTS = Path(__file__).parent
 
@@ -49,8 +49,8 @@ def test_without_no_sync_every_micro_batch_all_reduces(tmp_path):
 
 
 def test_parallel_lab_counts_all_reduces_and_bytes_and_matches_one_process(tmp_path):
-    """accumlab.parallel_lab (notebook 09's worker): 2 ranks under torchrun, k = 1 and 2."""
-    from accumlab import parallel_lab
+    """accumlab.lab.parallel_lab (notebook 09's worker): 2 ranks under torchrun, k = 1 and 2."""
+    from accumlab.lab import parallel_lab
 
     report = parallel_lab.launch(str(tmp_path), nproc=2, micro=2, ks=(1, 2), steps=2)
     rows = {r["run"]: r for r in parallel_lab.communication_table(report)}

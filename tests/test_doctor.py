@@ -422,11 +422,12 @@ def test_cli_check(tmp_path, capsys):
 
 
 def test_lengths_helpers(lm_data):
-    from accumlab import lengths
+    from accumlab.data import packing
+    from accumlab.lab import lengths
 
-    stats = lengths.padding_stats([3, 5, 2, 2], 2)
+    stats = packing.padding_stats([3, 5, 2, 2], 2)
     assert stats == {"real_tokens": 12, "padded_tokens": 14, "padding_fraction": 1 - 12 / 14}
-    packed = lengths.pack_examples(lm_data, 16)
+    packed = packing.pack_examples(lm_data, 16)
     assert packed and all(len(p["input_ids"]) == 16 for p in packed)
     flat = [t for e in lm_data for t in e["input_ids"]]
     assert packed[1]["input_ids"] == flat[16:32]

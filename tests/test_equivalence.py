@@ -9,11 +9,11 @@ from helpers import params_vector, random_cls_data, random_lm_data, rel_diff
 
 import accumlab
 from accumlab import MeanOfMeansWarning, TrainConfig
-from accumlab.collate import pad_collate
-from accumlab.equivalence import compare_gradients, split_evenly, window_gradient
-from accumlab.losses import mean_loss
-from accumlab.models import make_model
-from accumlab.window import accumulate_gradients
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.losses import mean_loss
+from accumlab.engine.models import make_model
+from accumlab.engine.window import accumulate_gradients
+from accumlab.lab.equivalence import compare_gradients, split_evenly, window_gradient
 
 KS = (1, 2, 4, 8)
 

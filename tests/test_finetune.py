@@ -6,17 +6,17 @@ import json
 import pytest
 import torch
 
-from accumlab.checkpoint import load_weights
-from accumlab.collate import pad_collate
-from accumlab.corpus import lm_examples
-from accumlab.evaluation import evaluate
-from accumlab.finetune import classifier, finetune, pretrained_dir, seed_train_epoch
-from accumlab.losses import IGNORE_INDEX
-from accumlab.metrics import accuracy, macro_f1
-from accumlab.mlm import MASK_ID, MaskedLMDataset, add_mask_token, mask_tokens
-from accumlab.models import load_model
-from accumlab.textclass import classification_examples
-from accumlab.tokenizer import load_tokenizer
+from accumlab.data.corpus import lm_examples
+from accumlab.data.mlm import MASK_ID, MaskedLMDataset, add_mask_token, mask_tokens
+from accumlab.data.textclass import classification_examples
+from accumlab.data.tokenizer import load_tokenizer
+from accumlab.engine.checkpoint import load_weights
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.evaluation import evaluate
+from accumlab.engine.losses import IGNORE_INDEX
+from accumlab.engine.metrics import accuracy, macro_f1
+from accumlab.engine.models import load_model
+from accumlab.lab.finetune import classifier, finetune, pretrained_dir, seed_train_epoch
 
 # CI-sized fine-tuning run at the seed's effective batch of 64 (32 x 2): 512 examples of at most
 # 64 tokens, 4 epochs = 32 optimizer steps, peak lr 2e-3 (the notebook's). Measured for issue 7

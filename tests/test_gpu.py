@@ -7,8 +7,8 @@ import torch
 from helpers import random_lm_data
 
 import accumlab
-from accumlab.equivalence import compare_gradients
-from accumlab.models import make_model
+from accumlab.engine.models import make_model
+from accumlab.lab.equivalence import compare_gradients
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -71,7 +71,7 @@ def test_cuda_non_finite_loss_leaves_the_weights_untouched():
 
 @cuda
 def test_cuda_chunked_loss_lowers_peak_memory_and_keeps_the_gradient():
-    from accumlab.losses import summed_loss
+    from accumlab.engine.losses import summed_loss
 
     logits = torch.randn(8, 512, 8192, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 8192, (8, 512), device="cuda")

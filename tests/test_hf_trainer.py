@@ -18,12 +18,13 @@ import pytest
 import torch
 
 import accumlab
-from accumlab.models import make_model
+from accumlab.engine.models import make_model
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
 
-from accumlab.semantics import (  # noqa: E402
+from accumlab.lab.semantics import (
+    # noqa: E402
     MICRO,
     K,
     accumlab_steps,

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from accumlab import large_batch as lb
+from accumlab.lab import large_batch as lb
 
 
 def test_mccandlish_relation_and_regimes():

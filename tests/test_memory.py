@@ -1,11 +1,11 @@
-"""accumlab.memory: the analytic model, the CPU measurement and the planner."""
+"""accumlab.lab.memory: the analytic model, the CPU measurement and the planner."""
 
 import pytest
 import torch
 
-from accumlab import memory
-from accumlab.collate import pad_collate
-from accumlab.models import count_parameters, make_model
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.models import count_parameters, make_model
+from accumlab.lab import memory
 
 GIB = memory.GIB
 
@@ -349,28 +349,28 @@ def test_predicted_peak_on_cuda_is_within_15_percent():
 @pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
 @pytest.mark.parametrize("b, s, chunk", [(4, 128, None), (4, 128, 64), (8, 64, 8192)])
 def test_loss_peak_bytes_matches_the_measured_loss(precision, dtype, b, s, chunk):
-    """The loss alone (as accumlab.losses computes it, chunked or not), measured on CPU."""
-    from accumlab.losses import summed_loss
+    """The loss alone (as accumlab.engine.losses computes it, chunked or not), measured on CPU."""
+    from accumlab.engine.losses import summed_loss
 
     shape = memory.ModelShape(2, 64, 4, 2048, 1024)
     logits = torch.randn(b, s, shape.vocab, dtype=dtype).requires_grad_()
     labels = torch.randint(0, shape.vocab, (b, s))
-    with memory._quiet_stderr(), torch.profiler.profile(
+    with memory.measure.quiet_stderr(), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         loss = summed_loss(logits, labels, "causal_lm", chunk_size=chunk)
         (grad,) = torch.autograd.grad(loss, logits)  # what the output layer's backward gets
         del grad, loss
-    measured = logits.untyped_storage().nbytes() + memory._peak_of_memory_events(prof)
+    measured = logits.untyped_storage().nbytes() + memory.measure.peak_of_memory_events(prof)
     predicted = memory.loss_peak_bytes(shape, b, s, precision, loss_chunk_size=chunk)
     assert predicted == pytest.approx(measured, rel=0.02)
 
 
-# ---------------------------------------------------------------- accumlab.longseq helpers
+# ---------------------------------------------------------------- accumlab.lab.longseq helpers
 
 
 def test_checkpointing_runs_every_block_twice_and_rows_have_the_length():
-    from accumlab import longseq
-    from accumlab.tokenizer import load_tokenizer
+    from accumlab.data.tokenizer import load_tokenizer
+    from accumlab.lab import longseq
 
     rows = longseq.corpus_rows(load_tokenizer(), 48, 2)
     assert [len(r["input_ids"]) for r in rows] == [48, 48]

@@ -7,17 +7,16 @@ import random
 import pytest
 import torch
 
-from accumlab.collate import pad_collate
-from accumlab.noise import (
+from accumlab.data.textclass import LABELS, classification_examples
+from accumlab.data.tokenizer import load_tokenizer
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.noise import NoiseScale, two_batch_estimate
+from accumlab.lab.noise import (
     BagOfWordsClassifier,
-    NoiseScale,
     exact_noise_scale,
     per_example_gradients,
-    two_batch_estimate,
     window_noise_pair,
 )
-from accumlab.textclass import LABELS, classification_examples
-from accumlab.tokenizer import load_tokenizer
 
 
 def _gaussian_pairs(trials, dim, small, big, seed=0):

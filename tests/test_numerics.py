@@ -1,4 +1,4 @@
-"""accumlab.numerics: float formats, underflow, loss scaling and 16-bit .grad, against fp64."""
+"""accumlab.lab.numerics: float formats, underflow, loss scaling and 16-bit .grad, against fp64."""
 
 import math
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import random_lm_data
 
-from accumlab import numerics
-from accumlab.collate import pad_collate
-from accumlab.models import make_model
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.models import make_model
+from accumlab.lab import numerics
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,20 @@ import random
 import pytest
 import torch
 
-from accumlab.equivalence import gradient_vector, relative_difference
-from accumlab.lengths import padding_stats
-from accumlab.losses import IGNORE_INDEX, count_items, summed_loss
-from accumlab.models import make_model
-from accumlab.packing import (
-    block_causal_mask,
+from accumlab.data.packing import (
     pack_documents,
-    packed_collate,
     packed_forward,
     padded_size,
+    padding_stats,
     padding_waste,
     per_document_losses,
-    token_budget_batches,
 )
-from accumlab.window import accumulate_gradients
+from accumlab.engine.batching import token_budget_batches
+from accumlab.engine.collate import block_causal_mask, packed_collate
+from accumlab.engine.gradients import gradient_vector, relative_difference
+from accumlab.engine.losses import IGNORE_INDEX, count_items, summed_loss
+from accumlab.engine.models import make_model
+from accumlab.engine.window import accumulate_gradients
 from tests.helpers import random_lm_data
 
 BLOCK = 40

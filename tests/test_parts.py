@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from accumlab.collate import pad_collate
-from accumlab.losses import count_items, detect_task
-from accumlab.metrics import accuracy, macro_f1, perplexity
-from accumlab.models import make_model
-from accumlab.schedules import lr_multiplier
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.losses import count_items, detect_task
+from accumlab.engine.metrics import accuracy, macro_f1, perplexity
+from accumlab.engine.models import make_model
+from accumlab.engine.schedules import lr_multiplier
 
 
 def test_dynamic_padding_pads_to_the_longest_in_the_batch_only():

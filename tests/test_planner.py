@@ -1,16 +1,11 @@
-"""accumlab.planner: plan_training, parse_bytes and the out-of-memory-safe search."""
+"""accumlab.lab.planner: plan_training, parse_bytes and the out-of-memory-safe search."""
 
 import pytest
 import torch
 
-from accumlab import memory
-from accumlab.models import make_model
-from accumlab.planner import (
-    PlanError,
-    find_largest_micro_batch,
-    parse_bytes,
-    plan_training,
-)
+from accumlab.engine.models import make_model
+from accumlab.lab import memory
+from accumlab.lab.planner import PlanError, find_largest_micro_batch, parse_bytes, plan_training
 
 GIB = memory.GIB
 GPT2 = memory.ModelShape.named("gpt2-small")
@@ -139,7 +134,7 @@ def test_search_on_cpu_with_a_real_step_guarded_by_a_byte_budget():
 
 
 def test_long_sequence_panel_follows_the_planner():
-    from accumlab import widgets
+    from accumlab.ui import widgets
 
     panel = widgets.long_sequence_panel(gpu="24GB", seq_len=1024, figure_mode="output")
     plan = plan_training("24GB", memory.ModelShape(**{**GPT2.to_dict(), "positions": 8192}),

@@ -9,10 +9,10 @@ from helpers import random_lm_data
 
 import accumlab
 from accumlab import TrainConfig
-from accumlab.checkpoint import latest_checkpoint
-from accumlab.losses import summed_loss
-from accumlab.models import make_model
-from accumlab.schedules import ramp_accum_steps, scaled_lr, warmup_seq_len
+from accumlab.engine.checkpoint import latest_checkpoint
+from accumlab.engine.losses import summed_loss
+from accumlab.engine.models import make_model
+from accumlab.engine.schedules import ramp_accum_steps, scaled_lr, warmup_seq_len
 
 
 def _cfg(**kw):
@@ -228,7 +228,7 @@ def test_token_budget_micro_batches_give_the_single_batch_update():
 
 
 def test_token_budget_micro_batches_stay_within_the_budget_and_cover_the_epoch():
-    from accumlab.collate import pad_collate
+    from accumlab.engine.collate import pad_collate
 
     data = random_lm_data(40, seed=9, min_len=3, max_len=40)
     shapes = []
@@ -246,7 +246,7 @@ def test_token_budget_micro_batches_stay_within_the_budget_and_cover_the_epoch()
 
 
 def test_packed_rows_train_like_the_documents_in_one_padded_batch():
-    from accumlab.packing import pack_documents
+    from accumlab.data.packing import pack_documents
 
     docs = random_lm_data(10, seed=10, min_len=3, max_len=20)
     rows = pack_documents(docs, block_size=48)
@@ -257,8 +257,8 @@ def test_packed_rows_train_like_the_documents_in_one_padded_batch():
 
 
 def test_packed_eval_data_is_evaluated_per_document():
-    from accumlab.evaluation import evaluate
-    from accumlab.packing import pack_documents
+    from accumlab.data.packing import pack_documents
+    from accumlab.engine.evaluation import evaluate
 
     docs = random_lm_data(10, seed=11, min_len=3, max_len=20)
     model = make_model("gpt2", "tiny", dtype=torch.float64, seed=2)
@@ -269,8 +269,8 @@ def test_packed_eval_data_is_evaluated_per_document():
 
 
 def test_trainer_out_of_memory_suggests_a_split_and_feeds_the_search():
-    from accumlab.planner import find_largest_micro_batch
-    from accumlab.trainer import OutOfMemoryError
+    from accumlab.engine.trainer import OutOfMemoryError
+    from accumlab.lab.planner import find_largest_micro_batch
 
     data = random_lm_data(64, seed=12)
 

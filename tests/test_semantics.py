@@ -1,4 +1,4 @@
-"""The framework semantics side by side (accumlab.semantics): the measured facts.
+"""The framework semantics side by side (accumlab.lab.semantics): the measured facts.
 
 22 padded variable-length examples, micro 2 x k 4 (windows of 4, 4, 3 micro-batches), SGD,
 fp32 on CPU; each update against the exact update of its window from the same parameters.
@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("accelerate")
 
-from accumlab import semantics  # noqa: E402
+from accumlab.lab import semantics  # noqa: E402
 
 EXACT = 1e-5  # fp32 rounding of p + lr * g; measured 2e-7 .. 4e-7
 
@@ -67,7 +67,7 @@ def test_every_framework_has_an_explanation_citing_issues(results):
 
 
 def test_a_framework_that_skips_the_short_window_is_reported():
-    from accumlab.models import make_model
+    from accumlab.engine.models import make_model
 
     init = make_model("gpt2", "tiny", seed=0)
     data = semantics.padded_lm_examples()

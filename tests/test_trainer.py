@@ -9,9 +9,9 @@ from helpers import params_vector, random_cls_data, random_lm_data
 
 import accumlab
 from accumlab import StopTraining, TrainConfig
-from accumlab.checkpoint import CheckpointError, latest_checkpoint
-from accumlab.models import count_parameters, load_model, make_model
-from accumlab.trainer import suggest_split
+from accumlab.engine.checkpoint import CheckpointError, latest_checkpoint
+from accumlab.engine.models import count_parameters, load_model, make_model
+from accumlab.engine.trainer import suggest_split
 
 
 def _cfg(tmp_path, **kw):
@@ -184,7 +184,7 @@ def test_models_factory_sizes_and_local_from_pretrained(tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(tiny(input_ids=ids).logits, loaded(input_ids=ids).logits)
     assert torch.equal(params_vector(tiny), params_vector(loaded))
-    from accumlab.models import gpt2_config
+    from accumlab.engine.models import gpt2_config
 
     big = gpt2_config("gpt2-small", max_positions=1024)
     assert (big.n_layer, big.n_embd, big.vocab_size) == (12, 768, 50257)
@@ -201,8 +201,8 @@ def test_bf16_and_fp16_train_and_keep_float32_parameters():
 
 
 def test_eval_every_epoch_and_best_weights_reload(tmp_path):
-    from accumlab.checkpoint import load_weights
-    from accumlab.evaluation import evaluate
+    from accumlab.engine.checkpoint import load_weights
+    from accumlab.engine.evaluation import evaluate
 
     train_data, dev = random_cls_data(32, seed=31), random_cls_data(12, seed=32)
     cfg = TrainConfig(micro_batch_size=4, accum_steps=2, epochs=3, lr=1e-2, eval_every="epoch",

@@ -1,4 +1,4 @@
-"""accumlab.viz: figures carry exactly the numbers they were given (read trace data, not pixels)."""
+"""accumlab.ui.viz: figures carry exactly the numbers they were given (read trace data, not pixels)."""
 
 import math
 import subprocess
@@ -7,13 +7,14 @@ import sys
 import plotly.graph_objects as go
 import pytest
 
-from accumlab import memory, viz
+from accumlab.lab import memory
+from accumlab.ui import viz
 
 GIB = 2**30
 
 
 def test_core_imports_neither_plotly_nor_ipywidgets():
-    probe = ("import sys, accumlab, accumlab.memory; "
+    probe = ("import sys, accumlab, accumlab.lab.memory; "
              "print(sorted(m for m in ('plotly', 'ipywidgets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True)

@@ -1,4 +1,4 @@
-"""accumlab.widgets without a browser: set a control's value, read the panel's result.
+"""accumlab.ui.widgets without a browser: set a control's value, read the panel's result.
 
 Each panel's callback must be a thin call into the library: the tests compare what a panel
 shows with what the library function returns for the same arguments.
@@ -13,8 +13,10 @@ import torch
 from helpers import random_lm_data
 
 import accumlab
-from accumlab import compare_gradients, memory, viz, widgets
-from accumlab.models import make_model
+from accumlab import compare_gradients
+from accumlab.engine.models import make_model
+from accumlab.lab import memory
+from accumlab.ui import viz, widgets
 
 GIB = memory.GIB
 

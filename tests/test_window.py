@@ -10,10 +10,10 @@ from helpers import params_vector, random_lm_data, rel_diff
 
 import accumlab
 from accumlab import Accumulator, EmptyWindowWarning, TrainConfig
-from accumlab.collate import pad_collate
-from accumlab.equivalence import window_gradient
-from accumlab.models import make_model
-from accumlab.window import default_forward
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.models import make_model
+from accumlab.engine.window import default_forward
+from accumlab.lab.equivalence import window_gradient
 
 
 def _micro_batches(data, size):
@@ -79,7 +79,7 @@ class _Counter:
 def test_cadence_once_per_window(monkeypatch, precision):
     """optimizer step, scheduler step, clipping, zero_grad and the GradScaler: once a window."""
     counter = _Counter()
-    import accumlab.window as window_mod
+    import accumlab.engine.window as window_mod
 
     real_clip = torch.nn.utils.clip_grad_norm_
 

@@ -2,8 +2,8 @@ OK_FORMAT = True
 
 test = {   'name': 'q1',
     'points': 2,
-    'suites': [   {   'cases': [   {   'code': '>>> from accumlab.window import accumulate_gradients\n'
-                                               '>>> from accumlab.equivalence import gradient_vector\n'
+    'suites': [   {   'cases': [   {   'code': '>>> from accumlab.engine.window import accumulate_gradients\n'
+                                               '>>> from accumlab.lab.equivalence import gradient_vector\n'
                                                '>>> import copy\n'
                                                '>>> _m1, _m2 = (copy.deepcopy(model), copy.deepcopy(model))\n'
                                                ">>> _loss = accumulate(_m1, windows['equal'])\n"

@@ -1,0 +1,154 @@
+"""What `train` records around its loop: evaluation and early stopping, checkpoints to save and
+resume, the progress bar, the JSON Lines log, callbacks and the noise-scale record."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from accumlab.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from accumlab.engine.config import RESUME_FIELDS, TrainConfig
+from accumlab.engine.evaluation import evaluate
+from accumlab.engine.metrics import HIGHER_IS_BETTER
+from accumlab.engine.setup import default_collate
+
+
+def noise_entry(noise, record) -> dict:
+    extra = record.extra
+    if not extra or not all(math.isfinite(extra[k]) for k in ("small_sq", "big_sq")):
+        out = noise.state()
+    else:
+        out = noise.update(small_sq=extra["small_sq"], small_items=extra["small_items"],
+                           big_sq=extra["big_sq"], big_items=extra["big_items"])
+    return {"noise_scale": out["noise_scale"], "noise_grad_sq": out["grad_sq"],
+            "noise_trace": out["trace_sigma"]}
+
+
+def eval_due(every, step: int, epoch_end: bool) -> bool:
+    if every == "epoch":
+        return epoch_end
+    return bool(every) and step % every == 0
+
+
+def evaluate_model(net, data, task, cfg, device, precision, pad_id) -> dict:
+    with precision.autocast():
+        return evaluate(net, data, task=task, batch_size=cfg.eval_batch_size or
+                        cfg.micro_batch_size, device=device, pad_token_id=pad_id,
+                        collate=default_collate(data, pad_id, precision),
+                        loss_chunk_size=cfg.loss_chunk_size)
+
+
+class EvalTracker:
+    """Best metric so far and evaluations without improvement (for early stopping)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.state = {"best": None, "best_step": None, "bad_evals": 0, "evals": [],
+                      "best_metrics": None}
+
+    @property
+    def evals(self) -> list[dict]:
+        return self.state["evals"]
+
+    @property
+    def best_metrics(self):
+        return self.state["best_metrics"]
+
+    @property
+    def best_step(self):
+        return self.state["best_step"]
+
+    def update(self, step: int, metrics: dict) -> bool:
+        self.state["evals"].append({"step": step, **metrics})
+        value = metrics.get(self.cfg.eval_metric)
+        if value is None:
+            raise ValueError(f"eval_metric={self.cfg.eval_metric!r} is not among the metrics "
+                             f"{sorted(metrics)} of this task: choose one of those")
+        best = self.state["best"]
+        higher = HIGHER_IS_BETTER[self.cfg.eval_metric]
+        if best is None or (value > best if higher else value < best):
+            self.state.update(best=value, best_step=step, bad_evals=0, best_metrics=metrics)
+            return True
+        self.state["bad_evals"] += 1
+        return False
+
+    def should_stop(self) -> bool:
+        patience = self.cfg.early_stopping_patience
+        return patience is not None and self.state["bad_evals"] >= patience
+
+
+def resume_fields(cfg: TrainConfig) -> dict:
+    return {k: getattr(cfg, k) for k in RESUME_FIELDS}
+
+
+def save_run(cfg, name, model, optimizer, scheduler, scaler, step, epoch, position, history,
+          tracker, latest: bool = True) -> Path:
+    micro_done, tokens_seen, noise = position
+    state = {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens_seen": tokens_seen,
+             "windows_done": micro_done // cfg.accum_steps,
+             "noise_state": noise.state_dict() if noise is not None else None,
+             "config": cfg.to_dict(), "history": history, "eval_state": tracker.state}
+    return save_checkpoint(cfg.checkpoint_dir, name, model=model, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler, state=state, update_latest=latest)
+
+
+def resume_run(cfg, model, optimizer, scheduler, scaler) -> dict:
+    path = cfg.resume_from
+    if path == "latest":
+        if not cfg.checkpoint_dir:
+            raise ValueError("resume_from='latest' needs checkpoint_dir")
+        found = latest_checkpoint(cfg.checkpoint_dir)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {cfg.checkpoint_dir} to resume from")
+        path = found
+    return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                           scaler=scaler, expected=resume_fields(cfg))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def progress_bar(cfg: TrainConfig, main: bool, total: int, initial: int):
+    if not (cfg.progress and main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def log_entry(cfg: TrainConfig, main: bool, entry: dict, bar) -> None:
+    if not main:
+        return
+    if bar is not None:
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
+                        tok_s=f"{entry['tokens_per_s']:,.0f}", refresh=False)
+        bar.update(0 if entry["skipped"] else 1)
+    if cfg.run_dir:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(Path(cfg.run_dir) / "history.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+class FunctionCallback:
+    def __init__(self, fn: Callable[[dict], object]):
+        self.on_step_end = fn
+
+
+def as_callback(c):
+    return FunctionCallback(c) if callable(c) and not hasattr(c, "on_step_end") else c
+
+
+def notify(callbacks, event: str, payload) -> None:
+    for c in callbacks:
+        handler = getattr(c, event, None)
+        if handler is not None:
+            handler(payload)

@@ -1,0 +1,171 @@
+"""TrainConfig: every setting of a training run, checked when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+
+from accumlab.engine.losses import NORMALIZATIONS, TASKS
+from accumlab.engine.window import PARTIAL_WINDOW_POLICIES
+
+PRECISIONS = ("fp64", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+LR_SCALINGS = ("none", "linear", "sqrt")
+EVAL_METRICS = ("loss", "accuracy", "f1", "perplexity")
+
+# Fields that change the arithmetic of a run: a checkpoint made under other values can't resume.
+RESUME_FIELDS = (
+    "micro_batch_size", "accum_steps", "lr", "optimizer", "weight_decay", "momentum", "betas",
+    "warmup_steps", "schedule", "min_lr_ratio", "clip_grad_norm", "precision",
+    "loss_normalization", "partial_window", "shuffle", "seed", "task", "lr_scaling", "base_batch",
+    "batch_ramp_tokens", "seq_len_warmup_steps", "seq_len_start", "micro_batch_tokens",
+)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `accumlab.train`. Effective batch = micro_batch_size x accum_steps x ranks.
+
+    Set either `max_steps` (optimizer steps) or `epochs`. Schedules and `eval_every`,
+    `checkpoint_every` count optimizer steps, never micro-batches.
+    """
+
+    micro_batch_size: int = 8
+    accum_steps: int = 1
+    max_steps: int | None = None
+    epochs: float | None = None
+    lr: float = 3e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW only
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
+    clip_grad_norm: float | None = None
+    precision: str = "fp32"
+    loss_normalization: str = "tokens"
+    partial_window: str = "step"
+    shuffle: bool = True
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    task: str = "auto"
+    eval_every: int | str | None = None  # optimizer steps, or "epoch"
+    eval_batch_size: int | None = None
+    eval_metric: str = "loss"
+    early_stopping_patience: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    resume_from: str | None = None  # a checkpoint folder, or "latest" in checkpoint_dir
+    run_dir: str | None = None  # history.jsonl is appended here
+    progress: bool = True
+    pad_token_id: int | None = None  # default: the model config's pad id, else 0
+    # large batches and long sequences
+    lr_scaling: str = "none"  # "linear" or "sqrt": lr x (effective / base_batch) or its sqrt
+    base_batch: int | None = None  # effective batch (sequences) at which lr was tuned
+    batch_ramp_tokens: int = 0  # window grows from 1 to accum_steps micro-batches over these
+    seq_len_warmup_steps: int = 0  # truncate sequences, growing to full length over these steps
+    seq_len_start: int = 64  # the truncation length at step 0
+    noise_scale: bool = False  # record the gradient noise scale B_simple every step
+    gradient_checkpointing: bool = False  # recompute block activations in the backward
+    loss_chunk_size: int | None = 8192  # positions per cross-entropy chunk (None: one piece)
+    micro_batch_tokens: int | None = None  # token-budget micro-batches (rows x longest)
+
+    def __post_init__(self):
+        _positive_int(self, "micro_batch_size", "the number of sequences per forward pass")
+        _positive_int(self, "accum_steps", "micro-batches per optimizer step; 1 = no accumulation")
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("TrainConfig: set max_steps (optimizer steps) or epochs")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("TrainConfig: set only one of max_steps and epochs, not both")
+        if self.max_steps is not None:
+            _positive_int(self, "max_steps", "the number of optimizer steps")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        _choice(self, "optimizer", OPTIMIZERS)
+        _choice(self, "schedule", SCHEDULES)
+        _choice(self, "precision", PRECISIONS)
+        _choice(self, "loss_normalization", NORMALIZATIONS)
+        _choice(self, "partial_window", PARTIAL_WINDOW_POLICIES)
+        _choice(self, "device", DEVICES)
+        _choice(self, "task", ("auto",) + TASKS)
+        _choice(self, "eval_metric", EVAL_METRICS)
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(
+                f"TrainConfig.clip_grad_norm must be > 0 or None (off), got {self.clip_grad_norm}"
+            )
+        if self.eval_every is not None and self.eval_every != "epoch":
+            _positive_int(self, "eval_every", "optimizer steps between evaluations, or 'epoch'")
+        for name in ("checkpoint_every", "early_stopping_patience", "eval_batch_size"):
+            if getattr(self, name) is not None:
+                _positive_int(self, name, "or None to turn it off")
+        if self.checkpoint_every is not None and self.checkpoint_dir is None:
+            raise ValueError("TrainConfig.checkpoint_every needs checkpoint_dir (where to write)")
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("TrainConfig.early_stopping_patience needs eval_every and eval data")
+        _choice(self, "lr_scaling", LR_SCALINGS)
+        if self.lr_scaling != "none" and self.base_batch is None:
+            raise ValueError("TrainConfig.lr_scaling needs base_batch: the effective batch (in "
+                             "sequences) at which lr was tuned")
+        if self.base_batch is not None:
+            _positive_int(self, "base_batch", "sequences per step at which lr was tuned")
+        for name in ("batch_ramp_tokens", "seq_len_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0 (0 = off), "
+                                 f"got {value!r}")
+        if self.batch_ramp_tokens and self.max_steps is None:
+            raise ValueError("TrainConfig.batch_ramp_tokens needs max_steps: with a growing "
+                             "window the number of steps per epoch is not fixed")
+        _positive_int(self, "seq_len_start", "tokens per sequence at the start of the warmup")
+        if self.micro_batch_tokens is not None:
+            _positive_int(self, "micro_batch_tokens", "padded tokens per micro-batch, or None")
+        if self.loss_chunk_size is not None:
+            _positive_int(self, "loss_chunk_size", "positions per loss chunk, or None")
+        self.betas = tuple(self.betas)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of all fields."""
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Build from a dict, naming any unknown key."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str) -> TrainConfig:
+        """Read the fields from a TOML file (a `[train]` table or top-level keys)."""
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover
+            import tomli as tomllib
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.from_dict(data.get("train", data))
+
+
+def _positive_int(cfg: TrainConfig, name: str, meaning: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TrainConfig.{name} must be an integer >= 1 ({meaning}), got {value!r}")
+
+
+def _choice(cfg: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f"TrainConfig.{name} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,135 @@
+"""Accumulated vs single-batch gradients, measured against a float64 reference."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+
+from accumlab.engine.batching import micro_batches
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.gradients import gradient_vector, relative_difference
+from accumlab.engine.losses import count_items, detect_task
+from accumlab.engine.precision import Precision
+from accumlab.engine.window import Accumulator, accumulate_gradients, default_forward
+
+
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """Split a sequence into `parts` contiguous chunks whose sizes differ by at most one."""
+    if not 1 <= parts <= len(items):
+        raise ValueError(f"cannot split {len(items)} examples into {parts} micro-batches")
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for i in range(parts):
+        end = start + size + (1 if i < extra else 0)
+        chunks.append(list(items[start:end]))
+        start = end
+    return chunks
+
+
+def window_gradient(
+    model: torch.nn.Module, examples: Sequence[dict], k: int, *, task: str,
+    precision: str = "fp64", normalization: str = "tokens", pad_token_id: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Gradient of one window of `examples` split into k padded micro-batches, as a vector.
+
+    The model is copied and cast to the precision's parameter dtype, so the caller's model is
+    left untouched. bf16/fp16 run under autocast (fp16 without loss scaling).
+    """
+    prec = Precision(precision, torch.device(device))
+    net = copy.deepcopy(model).to(device=device, dtype=prec.param_dtype)
+    net.zero_grad(set_to_none=True)
+    batches = [pad_collate(chunk, pad_token_id) for chunk in split_evenly(examples, k)]
+
+    def forward(m, batch):
+        with prec.autocast():
+            return default_forward(m, batch)
+
+    accumulate_gradients(net, batches, task=task, normalization=normalization, forward=forward)
+    return gradient_vector(net)
+
+
+def compare_gradients(
+    model: torch.nn.Module,
+    examples: Sequence[dict],
+    ks: Sequence[int] = (1, 2, 4, 8),
+    precisions: Sequence[str] = ("fp64", "fp32"),
+    *,
+    task: str | None = None,
+    normalization: str = "tokens",
+    pad_token_id: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    """One record per (precision, k): how far k accumulated micro-batches are from one batch.
+
+    Each record holds `vs_single` (accumulated vs the single batch in the same precision),
+    `vs_fp64` (accumulated vs the float64 single-batch gradient) and `single_vs_fp64` (that
+    precision's own error): accumulation is harmless when `vs_single` is no larger than
+    `single_vs_fp64`. Dropout should be off: masks differ between micro-batches and one batch.
+    """
+    task = task or detect_task(model)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+    common = dict(task=task, normalization=normalization, pad_token_id=pad_token_id,
+                  device=device)
+    reference = window_gradient(model, examples, 1, precision="fp64", **common)
+    records = []
+    for precision in precisions:
+        single = window_gradient(model, examples, 1, precision=precision, **common)
+        single_err = relative_difference(single, reference)
+        for k in ks:
+            accumulated = window_gradient(model, examples, k, precision=precision, **common)
+            records.append({
+                "precision": precision,
+                "k": k,
+                "examples": len(examples),
+                "vs_single": relative_difference(accumulated, single),
+                "vs_fp64": relative_difference(accumulated, reference),
+                "single_vs_fp64": single_err,
+            })
+    return records
+
+
+def window_report(model: torch.nn.Module, examples: Sequence[dict], micro_batch_size: int,
+                  accum_steps: int, normalization: str = "tokens",
+                  partial_window: str = "step", task: str | None = None,
+                  pad_token_id: int = 0) -> list[dict]:
+    """For each window of an epoch (in order, no shuffling): its micro-batches' item counts,
+    whether it steps, and how far its accumulated gradient is from the gradient of the same loss
+    over the same examples taken as one batch (with one micro-batch, `mean_of_means` is the
+    token mean). Only library calls: `Accumulator` makes the windows and the losses,
+    `window_gradient` the one-batch reference.
+    """
+    task = task or detect_task(model)
+    net = model
+    windows = []
+    order = list(range(len(examples)))
+    batches = list(micro_batches(examples, order, micro_batch_size, pad_token_id=pad_token_id))
+    acc = Accumulator(net, None, accum_steps, task=task, normalization=normalization,
+                      partial_window="step")
+    start = 0
+    for window in acc.windows(batches):
+        n_examples = sum(len(b["input_ids"]) for b in window.micro_batches)
+        members = examples[start:start + n_examples]
+        start += n_examples
+        stepped = not (window.is_partial and partial_window == "drop")
+        net.zero_grad(set_to_none=True)
+        for batch in window:
+            window.backward(window.loss(default_forward(net, batch), batch["labels"]))
+        accumulated = gradient_vector(net)
+        net.zero_grad(set_to_none=True)
+        exact = window_gradient(net, members, 1, task=task, precision=_precision_of(net),
+                                normalization=normalization, pad_token_id=pad_token_id)
+        windows.append({
+            "items": [count_items(b["labels"], task) for b in window.micro_batches],
+            "examples": n_examples, "partial": window.is_partial, "stepped": stepped,
+            "rel_diff": relative_difference(accumulated, exact),
+        })
+    return windows
+
+
+def _precision_of(model: torch.nn.Module) -> str:
+    dtype = next(model.parameters()).dtype
+    return "fp64" if dtype == torch.float64 else "fp32"

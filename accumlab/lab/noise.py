@@ -1,0 +1,124 @@
+"""The gradient noise scale B_simple = tr(Σ) / |G|² (McCandlish et al. 2018, arXiv:1812.06162).
+
+G is the true (full-data) mean gradient and Σ the per-item covariance of the gradient, so a
+batch of B items gives a mean gradient G_B with E|G_B|² = |G|² + tr(Σ)/B. Two batch sizes give
+two equations and hence unbiased estimates of both unknowns (the paper's appendix A.1):
+
+    |G|²  ≈ (B_big |G_big|² − B_small |G_small|²) / (B_big − B_small)
+    tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
+
+Accumulation has both sizes for free: one micro-batch (small) and the whole window (big).
+The estimator the trainer runs lives in `accumlab.engine.noise`; this module computes the
+truth from per-example gradients (`exact_noise_scale`) and the pairs the estimator takes, to
+validate the estimate on a small problem.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from accumlab.engine.collate import pad_collate
+from accumlab.engine.losses import count_items, summed_loss
+from accumlab.engine.window import Accumulator, default_forward
+
+
+class BagOfWordsClassifier(torch.nn.Module):
+    """Logistic regression (no intercept) on mean bag-of-words features, for validation.
+
+    Called like a `transformers` classifier (`model(input_ids=..., attention_mask=...)`
+    returns an object with `.logits`), so accumlab trains and accumulates it like any model.
+    Without an intercept no single direction dominates the gradient noise, which keeps the
+    two-batch estimate's variance low.
+    """
+
+    accumlab_task = "classification"
+
+    def __init__(self, vocab_size: int, num_labels: int, seed: int | None = 0,
+                 init_std: float = 0.1):
+        super().__init__()
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.bag = torch.nn.EmbeddingBag(vocab_size, num_labels, mode="sum")
+        torch.nn.init.normal_(self.bag.weight, std=init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Logits = mean over the unmasked tokens of their weight rows."""
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        weights = mask.to(self.bag.weight.dtype)
+        weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1)
+        return SequenceClassifierOutput(logits=self.bag(input_ids, per_sample_weights=weights))
+
+
+def squared_grad_norm(parameters: Sequence[torch.nn.Parameter]) -> float:
+    """|g|² of the `.grad` of `parameters` (None counts as zero), summed in float64."""
+    return float(sum(p.grad.detach().double().pow(2).sum() for p in parameters
+                     if p.grad is not None))
+
+
+def window_noise_pair(model: torch.nn.Module, micro_batches: Sequence[dict], *, task: str,
+                      forward: Callable | None = None) -> dict:
+    """Accumulate one window and return the pair `NoiseScale.update` takes.
+
+    Runs the window with accumlab's `Accumulator` (token/example normalisation): after the
+    first micro-batch the `.grad` holds its item-loss sum / N, so its mean gradient is that
+    times N / n_1 (the small batch); after the last it is the window's mean gradient (the big
+    batch). Gradients are left in `.grad`, added to what was there (zero them first).
+    """
+    forward = forward or default_forward
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = Accumulator(model, None, len(micro_batches), task=task)
+    (window,) = list(acc.windows(micro_batches))
+    small_sq = math.nan
+    for j, batch in enumerate(window):
+        window.backward(window.loss(forward(model, batch), batch["labels"]))
+        if j == 0:
+            scale = window.n_items / window.item_counts[0]
+            small_sq = squared_grad_norm(params) * scale**2
+    return {"small_sq": small_sq, "small_items": window.item_counts[0],
+            "big_sq": squared_grad_norm(params), "big_items": window.n_items}
+
+
+def per_example_gradients(model: torch.nn.Module, examples: Sequence[dict], *, task: str,
+                          forward: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's summed-loss gradient (float64, one row per example) and its item count.
+
+    For classification an example has one item; for a language model its label tokens.
+    """
+    forward = forward or default_forward
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows, counts = [], []
+    for example in examples:
+        batch = pad_collate([example])
+        loss = summed_loss(forward(model, batch), batch["labels"], task)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).double().flatten()
+                               for g, p in zip(grads, params, strict=True)]))
+        counts.append(count_items(batch["labels"], task))
+    return torch.stack(rows), torch.tensor(counts, dtype=torch.float64)
+
+
+def exact_noise_scale(model: torch.nn.Module, examples: Sequence[dict], *,
+                      task: str = "classification", forward: Callable | None = None) -> dict:
+    """The true |G|², tr(Σ) and B_simple of `model` on `examples`, from per-example gradients.
+
+    Items are examples (use a classification model: every example is one item): G is the mean
+    of the per-example gradients g_i and tr(Σ) = mean |g_i − G|², the per-item covariance of
+    sampling one example uniformly (with replacement). Dropout must be off.
+    """
+    grads, counts = per_example_gradients(model, examples, task=task, forward=forward)
+    if not torch.all(counts == 1):
+        raise ValueError("exact_noise_scale treats every example as one item; use a "
+                         "classification model (or examples with one label token each)")
+    mean = grads.mean(dim=0)
+    grad_sq = float(mean.pow(2).sum())
+    trace = float((grads - mean).pow(2).sum(dim=1).mean())
+    return {"noise_scale": trace / grad_sq, "grad_sq": grad_sq, "trace_sigma": trace,
+            "items": len(examples)}
+
+
+__all__ = ["BagOfWordsClassifier", "exact_noise_scale", "per_example_gradients",
+           "squared_grad_norm", "window_noise_pair"]

@@ -1,0 +1,281 @@
+"""The ipywidgets 8 panels of the notebooks, each a `Panel` (see `accumlab.ui.panel`).
+
+UI only: every panel's callback is a thin call into library functions (`accumlab.lab.memory`,
+`accumlab.compare_gradients`, `accumlab.engine.window`), and figures come from `accumlab.ui.viz`. Tests
+drive a panel without a browser by setting ``panel.controls["k"].value = 4`` and reading
+``panel.result``, ``panel.readout.value`` or ``panel.view.figure``.
+
+Import it explicitly (``from accumlab.ui import widgets``); the core never imports ipywidgets.
+Figures are `plotly.graph_objects.FigureWidget`s where they render (JupyterLab, Notebook 7,
+VS Code), and plain figures redrawn inside an `ipywidgets.Output` where they do not (Colab, or
+``ACCUMLAB_FIGURES=output``).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+import ipywidgets as W
+import torch
+
+from accumlab.engine.models import SIZES
+from accumlab.lab import memory
+from accumlab.lab.equivalence import compare_gradients, window_report
+from accumlab.ui import viz
+from accumlab.ui.panel import (
+    FIGURE_MODES,
+    READOUT_CLASS,
+    STATUS_CLASS,
+    FigureView,
+    LiveLossPlot,
+    Panel,
+    dropdown,
+    figure_mode,
+    sci,
+    slider,
+)
+
+# ---------------------------------------------------------------- the generic panel
+
+
+# ---------------------------------------------------------------- 00: planning a split
+
+
+def plan_panel(target_batch: int = 256, max_micro_batch: int = 12, **kwargs) -> Panel:
+    """Effective batch = micro-batch x accumulation steps: `memory.plan_accumulation`."""
+    controls = {
+        "target_batch": W.IntSlider(value=target_batch, min=1, max=1024, description="target batch",
+                                    continuous_update=False,
+                                    style={"description_width": "initial"}),
+        "max_micro_batch": W.IntSlider(value=max_micro_batch, min=1, max=128,
+                                       description="largest micro-batch that fits",
+                                       continuous_update=False,
+                                       style={"description_width": "initial"}),
+    }
+
+    def describe(plan):
+        return (f"micro-batch <b>{plan['micro_batch']}</b> × <b>{plan['accum_steps']}</b> "
+                f"accumulation steps = effective batch <b>{plan['effective_batch']}</b>")
+
+    return Panel(controls, memory.plan_accumulation, describe, **kwargs)
+
+
+# ---------------------------------------------------------------- 01: the memory wall
+
+
+MEMORY_SIZES = tuple(s for s in ("tiny", "mini", "small", "medium", "gpt2-small") if s in SIZES)
+MEMORY_MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def memory_result(size: str, micro_batch: int, seq_len: int, precision: str, attention: str,
+                  gpu_gib: float) -> dict:
+    """The memory panel's data: a sweep over micro-batches and the largest one that fits."""
+    default = memory.ModelShape.gpt2(size)
+    shape = memory.ModelShape.gpt2(size, positions=max(default.positions, seq_len))
+    sizes = sorted(set(MEMORY_MICRO_BATCHES) | {micro_batch})
+    sweep = memory.memory_sweep(shape, sizes, seq_len, precision, attention=attention)
+    chosen = next(r for r in sweep if r["micro_batch"] == micro_batch)
+    largest = memory.largest_micro_batch(shape, seq_len, gpu_gib * memory.GIB, precision,
+                                         attention=attention)
+    return {"size": size, "shape": shape.to_dict(), "parameters": shape.parameters,
+            "sweep": sweep, "chosen": chosen, "gpu_gib": gpu_gib, "largest_fit": largest,
+            "fits": memory.fits(chosen["total"], gpu_gib)}
+
+
+def memory_panel(size: str = "gpt2-small", micro_batch: int = 8, seq_len: int = 1024,
+                 precision: str = "bf16", attention: str = "fused", gpu_gib: float = 80,
+                 **kwargs) -> Panel:
+    """Model size, micro-batch, sequence length and precision -> the memory formula's count.
+
+    The count is `memory.estimate_memory`, the textbook lower bound; measure to plan.
+    """
+    controls = {
+        "size": dropdown("model", MEMORY_SIZES, size),
+        "micro_batch": slider("micro-batch", MEMORY_MICRO_BATCHES, micro_batch),
+        "seq_len": slider("sequence length", (128, 256, 512, 1024, 2048, 4096), seq_len),
+        "precision": dropdown("precision", ("fp32", "bf16", "fp16", "fp64"), precision),
+        "attention": dropdown("attention", ("eager", "fused"), attention),
+        "gpu_gib": dropdown("GPU memory (GiB)", (8, 16, 24, 40, 80, 141), gpu_gib),
+    }
+
+    def describe(r):
+        c = r["chosen"]
+        g = memory.gib
+        states = c["weights"] + c["gradients"] + c["optimizer"] + c["weight_copies"]
+        verdict = ("fits" if r["fits"] else "<b style='color:#b00'>does not fit</b>")
+        return (f"{r['size']} ({r['parameters'] / 1e6:.1f}M parameters), micro-batch "
+                f"{c['micro_batch']} × {c['seq_len']} tokens, {c['precision']}: the formula "
+                f"counts <b>{g(c['total']):.1f} GiB</b> (model states {g(states):.2f}, "
+                f"activations {g(c['activations']):.2f}, logits {g(c['logits']):.2f} GiB), a "
+                f"lower bound of the real peak; {verdict} in {r['gpu_gib']:g} GiB by this count. "
+                f"Largest micro-batch that fits by this count: <b>{r['largest_fit']}</b>.")
+
+    def render(r):
+        return viz.memory_figure(r["sweep"], highlight=r["chosen"]["micro_batch"],
+                                 budget_gib=r["gpu_gib"])
+
+    return Panel(controls, memory_result, describe, render, **kwargs)
+
+
+# ---------------------------------------------------------------- 02: partitions and windows
+
+
+def partition_panel(model: torch.nn.Module, examples: Sequence[dict], task: str | None = None,
+                    pad_token_id: int = 0, micro_batch_size: int = 2, accum_steps: int = 2,
+                    normalization: str = "tokens", **kwargs) -> Panel:
+    """Partition examples into micro-batches and windows; watch each window's gradient."""
+    n = len(examples)
+    controls = {
+        "micro_batch_size": slider("micro-batch size", range(1, n + 1), micro_batch_size),
+        "accum_steps": slider("accumulation steps k", range(1, n + 1), accum_steps),
+        "normalization": dropdown("normalisation", ("tokens", "samples", "mean_of_means"),
+                                   normalization),
+        "partial_window": dropdown("partial last window", ("step", "drop"), "step"),
+    }
+
+    def compute(micro_batch_size, accum_steps, normalization, partial_window):
+        import warnings
+
+        with warnings.catch_warnings():  # the readout says it; no warning spam in the panel
+            warnings.simplefilter("ignore")
+            return window_report(model, examples, micro_batch_size, accum_steps, normalization,
+                                 partial_window, task=task, pad_token_id=pad_token_id)
+
+    def describe(windows):
+        steps = sum(w["stepped"] for w in windows)
+        worst = max(w["rel_diff"] for w in windows)
+        parts = [f"{len(windows)} window(s), <b>{steps}</b> optimizer step(s)"]
+        if windows[-1]["partial"]:
+            parts.append(f"the last window is partial ({len(windows[-1]['items'])} "
+                         f"micro-batch(es)) and is "
+                         + ("stepped with its own item count" if windows[-1]["stepped"]
+                            else "dropped"))
+        parts.append(f"largest relative difference from one batch of the same examples: "
+                     f"<b>{sci(worst)}</b>")
+        return "; ".join(parts)
+
+    return Panel(controls, compute, describe, lambda w: viz.partition_figure(w), **kwargs)
+
+
+# ---------------------------------------------------------------- 03: equivalence
+
+
+def equivalence_panel(model: torch.nn.Module, examples: Sequence[dict],
+                      ks: Sequence[int] = (1, 2, 4, 8, 16, 32),
+                      precisions: Sequence[str] = ("fp64", "fp32", "bf16", "fp16"),
+                      k: int | None = None, precision: str | None = None,
+                      device: str = "cpu", task: str | None = None,
+                      normalization: str = "tokens", pad_token_id: int | None = None,
+                      **kwargs) -> Panel:
+    """Pick k and a precision: accumulated vs single-batch gradient, each against fp64."""
+    ks = [k_ for k_ in ks if k_ <= len(examples)]
+    controls = {
+        "k": slider("accumulation steps k", ks, k if k is not None else ks[min(2, len(ks) - 1)]),
+        "precision": dropdown("precision", precisions,
+                               precision if precision is not None else precisions[0]),
+    }
+
+    def compute(k, precision):
+        (record,) = compare_gradients(model, examples, ks=(k,), precisions=(precision,),
+                                      task=task, normalization=normalization,
+                                      pad_token_id=pad_token_id, device=device)
+        return record
+
+    def describe(r):
+        if r["single_vs_fp64"] == 0:
+            verdict = "fp64 is the reference itself: what remains is float64 rounding."
+        elif r["vs_single"] <= r["single_vs_fp64"]:
+            verdict = "Accumulation's own error is no larger than the precision's."
+        else:
+            verdict = "Accumulation's own error is larger than the precision's."
+        return (f"k = {r['k']}, {r['precision']}: accumulated vs single batch "
+                f"<b>{sci(r['vs_single'])}</b>; single batch vs fp64 "
+                f"<b>{sci(r['single_vs_fp64'])}</b>; accumulated vs fp64 "
+                f"{sci(r['vs_fp64'])}. {verdict}")
+
+    def render(r):
+        return viz.comparison_bars(
+            {"accumulated vs single": r["vs_single"],
+             f"single ({r['precision']}) vs fp64": r["single_vs_fp64"],
+             "accumulated vs fp64": r["vs_fp64"]},
+            title=f"k = {r['k']}, {r['precision']}")
+
+    return Panel(controls, compute, describe, render, **kwargs)
+
+
+__all__ = [
+    "FIGURE_MODES", "READOUT_CLASS", "STATUS_CLASS",
+    "FigureView", "LiveLossPlot", "Panel", "equivalence_panel", "figure_mode", "memory_panel",
+    "memory_result", "partition_panel", "plan_panel", "window_report",
+]
+
+
+# ---------------------------------------------------------------- 07: long sequences
+
+LONG_SEQ_LENS = (256, 512, 1024, 2048, 4096, 8192)
+PLAN_MODELS = ("gpt2-small", "gpt2-medium", "tinyllama-1.1b", "llama-3.2-1b")
+
+
+def long_sequence_result(model: str, gpu: str, seq_len: int, checkpointing: str,
+                         attention: str, loss_chunk_size, global_batch_tokens: int) -> dict:
+    """The long-sequence panel's data: the plan for this length (or why nothing fits) and
+    the predicted peak of micro-batch 1 at every length (`accumlab.lab.planner`, `memory`)."""
+    from accumlab.lab.planner import PlanError, parse_bytes, plan_training
+
+    named = memory.ModelShape.named(model)
+    shape = memory.ModelShape(**{**named.to_dict(),
+                                 "positions": max(named.positions, max(LONG_SEQ_LENS))})
+    chunk = None if loss_chunk_size == "none" else int(loss_chunk_size)
+    sweep = [memory.predict_memory(shape, 1, s, "bf16", attention=attention,
+                                   checkpointing=checkpointing == "on", loss_chunk_size=chunk)
+             for s in LONG_SEQ_LENS]
+    try:
+        plan, error = plan_training(gpu, shape, seq_len, global_batch_tokens, "bf16",
+                                    attention=attention, checkpointing=checkpointing,
+                                    loss_chunk_size=chunk), None
+    except PlanError as e:
+        plan, error = None, str(e)
+    return {"model": model, "seq_len": seq_len, "sweep": sweep, "plan": plan, "error": error,
+            "gpu_gib": parse_bytes(gpu) / memory.GIB}
+
+
+def long_sequence_panel(model: str = "gpt2-small", gpu: str = "24GB", seq_len: int = 1024,
+                        checkpointing: str = "auto", attention: str = "sdpa",
+                        loss_chunk_size="none", global_batch_tokens: int = 2**19,
+                        **kwargs) -> Panel:
+    """Sequence length, checkpointing, attention and loss chunks -> the planner's split and
+    the predicted peak of one sequence per micro-batch at every length."""
+    controls = {
+        "model": dropdown("model", PLAN_MODELS, model),
+        "gpu": dropdown("GPU", ("12GB", "16GB", "24GB", "40GB", "80GB"), gpu),
+        "seq_len": slider("sequence length", LONG_SEQ_LENS, seq_len),
+        "checkpointing": dropdown("checkpointing", ("auto", "on", "off"), checkpointing),
+        "attention": dropdown("attention", ("sdpa", "eager"), attention),
+        "loss_chunk_size": dropdown("loss chunk (positions)", ("none", "1024", "8192"),
+                                     loss_chunk_size),
+    }
+
+    def compute(**values):
+        return long_sequence_result(global_batch_tokens=global_batch_tokens, **values)
+
+    def describe(r):
+        if r["plan"] is None:
+            return f"<b style='color:#b00'>nothing fits</b>: {html.escape(r['error'])}"
+        p = r["plan"]
+        ck = " with activation checkpointing" if p.checkpointing else ""
+        return (f"{r['model']}, {r['seq_len']} tokens per sequence: micro-batch "
+                f"<b>{p.micro_batch}</b> × <b>{p.accum_steps}</b> accumulation steps{ck}, "
+                f"predicted peak <b>{memory.gib(p.predicted['total']):.1f} GiB</b> of "
+                f"{r['gpu_gib']:.1f} GiB; {p.tokens_per_step:,} tokens per optimizer step")
+
+    def render(r):
+        highlight = r["seq_len"]
+        return viz.memory_by_length_figure(r["sweep"], highlight=highlight,
+                                           budget_gib=r["gpu_gib"],
+                                           title="predicted peak, one sequence per micro-batch")
+
+    return Panel(controls, compute, describe, render, **kwargs)
+
+
+__all__ += ["long_sequence_panel", "long_sequence_result"]
