@@ -1,6 +1,6 @@
 """Plotly figure builders from plain records (lists and dicts); no training, no widgets.
 
-Import it explicitly (``from accumlab import viz``): the core package never imports plotly.
+Import it explicitly (``from accumlab.ui import viz``): the core package never imports plotly.
 Every builder returns a `plotly.graph_objects.Figure` whose traces carry the numbers they were
 given, so a test can read ``fig.data[i].y`` instead of looking at pixels.
 """
