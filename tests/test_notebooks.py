@@ -2,15 +2,26 @@
 
 No stray outputs: only cells tagged `nbval-check-output` may carry outputs, as plain text with an
 execution count, so that `pytest --nbval-lax` compares exactly those. Every notebook has the
-course header, a Colab install cell that never reinstalls torch, one `parameters` cell that
+course header, one short Colab install cell (a no-op elsewhere, safe to re-run, pins Colab's torch
+and pyproject.toml's transformers range), one `parameters` cell that
 reads ACCUMLAB_CI, what the learner will be able to do, and self-check questions.
 """
 
 import re
+import shutil
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 REQUIRED = ("00_start_here", "01_memory_wall", "02_the_math", "03_equivalence_lab")
@@ -105,17 +116,75 @@ def test_header_badges_and_course_structure(name):
             assert f"({other}.ipynb)" in first.source
 
 
+def _colab_cell(name):
+    return _code(_load(name))[0].source
+
+
+def _transformers_range():
+    deps = tomllib.loads((NOTEBOOK_DIR.parent / "pyproject.toml").read_text())["project"]
+    (spec,) = [d for d in deps["dependencies"] if d.startswith("transformers")]
+    return spec
+
+
 @pytest.mark.parametrize("name", COURSE)
-def test_colab_cell_installs_accumlab_only_when_missing_and_pins_torch(name):
-    setup = _code(_load(name))[0]
-    src = setup.source
+def test_colab_cell_is_short_pins_torch_and_transformers(name):
+    src = _colab_cell(name)
+    assert len(src.splitlines()) <= 20, f"{name}: the Colab cell should stay one short cell"
     assert '"google.colab" in sys.modules' in src
-    assert re.search(r"try:\s+import accumlab", src)
-    assert "except ImportError" in src
-    assert "torch-pin.txt" in src and '"-c"' in src and 'f"torch=={torch.__version__}' in src
-    assert "git" in src and '"-e"' in src
+    assert '"-c"' in src and 'f"torch=={torch.__version__}' in src, "keep Colab's torch"
+    assert _transformers_range() in src, "pin transformers to pyproject.toml's range"
+    assert "git clone" in src and '"-e"' in src
+    assert "output.enable_custom_widget_manager()" in src
     for cell in _code(_load(name)):  # no cell installs or upgrades torch itself
         assert not re.search(r"pip[^\n]*install[^\n]*\btorch\b", cell.source), name
+    assert src == _colab_cell(COURSE[0]), f"{name}: the Colab cell differs from {COURSE[0]}'s"
+
+
+def _run_colab_cell(src, root, monkeypatch, colab=True, pip_fails=False):
+    """Execute the Colab cell with /content moved to `root` and git/pip faked; return the
+    commands it ran and whether it enabled Colab's widget manager."""
+    calls, enabled = [], []
+    repo = root / "accumlab"
+
+    def fake_run(cmd, shell=False, check=False):
+        line = cmd if shell else " ".join(cmd)
+        calls.append(line)
+        if "git clone" in line:
+            shutil.rmtree(repo, ignore_errors=True)
+            repo.mkdir()
+        if "pip" in line and pip_fails:
+            raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    if colab:
+        google, colab_module = types.ModuleType("google"), types.ModuleType("google.colab")
+        google.__path__ = []
+        colab_module.output = types.SimpleNamespace(
+            enable_custom_widget_manager=lambda: enabled.append(True))
+        google.colab = colab_module
+        monkeypatch.setitem(sys.modules, "google", google)
+        monkeypatch.setitem(sys.modules, "google.colab", colab_module)
+    namespace = {}
+    exec(src.replace("/content", str(root)), namespace)
+    return calls, bool(enabled), namespace
+
+
+def test_colab_cell_does_nothing_elsewhere_and_survives_a_rerun(tmp_path, monkeypatch):
+    src = _colab_cell(COURSE[0])
+    calls, enabled, namespace = _run_colab_cell(src, tmp_path, monkeypatch, colab=False)
+    assert calls == [] and not enabled and set(namespace) == {"__builtins__", "sys"}
+    with pytest.raises(subprocess.CalledProcessError):  # pip fails half-way
+        _run_colab_cell(src, tmp_path, monkeypatch, pip_fails=True)
+    calls, enabled, _ = _run_colab_cell(src, tmp_path, monkeypatch)  # the re-run starts over
+    assert [c.split()[0] for c in calls] == ["rm", sys.executable] and enabled
+    assert "git clone" in calls[0]
+    pins = (tmp_path / "pins.txt").read_text().splitlines()
+    assert pins == [f"torch=={torch.__version__}", _transformers_range()]
+    assert str(tmp_path / "accumlab") in sys.path
+    calls, enabled, _ = _run_colab_cell(src, tmp_path, monkeypatch)  # installed: nothing to do
+    assert calls == [] and enabled
 
 
 @pytest.mark.parametrize("name", COURSE)
