@@ -6,15 +6,15 @@ import dataclasses
 import sys
 from dataclasses import dataclass, fields
 
-from accumlab.engine.losses import NORMALIZATIONS, TASKS
-from accumlab.engine.window import PARTIAL_WINDOW_POLICIES
-
 PRECISIONS = ("fp64", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCALINGS = ("none", "linear", "sqrt")
 EVAL_METRICS = ("loss", "accuracy", "f1", "perplexity")
+TASKS = ("causal_lm", "masked_lm", "classification")
+NORMALIZATIONS = ("tokens", "samples", "mean_of_means")
+PARTIAL_WINDOW_POLICIES = ("step", "drop")
 
 # Fields that change the arithmetic of a run: a checkpoint made under other values can't resume.
 RESUME_FIELDS = (

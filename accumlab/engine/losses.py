@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from accumlab.engine.config import TASKS
+
 IGNORE_INDEX = -100
-TASKS = ("causal_lm", "masked_lm", "classification")
-NORMALIZATIONS = ("tokens", "samples", "mean_of_means")
 
 
 def detect_task(model: torch.nn.Module) -> str:

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from accumlab.engine import distributed
-from accumlab.engine.losses import NORMALIZATIONS, count_items, summed_loss
-
-PARTIAL_WINDOW_POLICIES = ("step", "drop")
+from accumlab.engine.config import NORMALIZATIONS, PARTIAL_WINDOW_POLICIES
+from accumlab.engine.losses import count_items, summed_loss
 
 
 class EmptyWindowWarning(UserWarning):
