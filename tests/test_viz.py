@@ -100,3 +100,76 @@ def test_format_table():
     assert viz.format_table([]) == "(no rows)"
     assert viz.format_table([{"v": 3}], formats={"v": lambda v: v * 2}).splitlines()[2].strip() \
         == "6"
+
+
+def _builder_figures():
+    """One figure from every builder in `viz.__all__` (a new builder must be added here)."""
+    sweep = memory.memory_sweep(memory.ModelShape.gpt2("tiny"), (1, 2), 64, "bf16")
+    by_length = [{**memory.predict_memory(memory.ModelShape.gpt2("tiny"), 1, s, "bf16"),
+                  "seq_len": s} for s in (64, 128)]
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]
+    return {
+        "memory_figure": viz.memory_figure(sweep, highlight=2, budget_gib=1, measured={1: 0.1},
+                                           title="a title"),
+        "memory_by_length_figure": viz.memory_by_length_figure(by_length, highlight=64,
+                                                               budget_gib=1, title="a title"),
+        "equivalence_figure": viz.equivalence_figure(RECORDS, title="a title"),
+        "comparison_bars": viz.comparison_bars({"fp32": 1e-7, "b": 2e-3}, title="a title"),
+        "loss_curves_figure": viz.loss_curves_figure({f"run {i}": history for i in range(9)},
+                                                     title="a title"),
+        "lines_figure": viz.lines_figure({"fp32": ([1, 2], [1, 2]), "fp32 b": ([1], [2])},
+                                         "x", "y", title="a title"),
+        "partition_figure": viz.partition_figure([{"items": [5, 7]}], title="a title"),
+    }
+
+
+def _effective(fig, *path):
+    """A layout property as plotly draws it: the figure's own value, else its template's."""
+    for layout in (fig.layout, fig.layout.template.layout):
+        value = layout
+        for key in path:
+            value = value[key] if value is not None else None
+        if value is not None:
+            return value
+    return None
+
+
+def test_every_builder_is_covered_by_the_style_test():
+    builders = {n for n in viz.__all__ if n.endswith("_figure") or n == "comparison_bars"}
+    assert builders == set(_builder_figures())
+
+
+@pytest.mark.parametrize("name", sorted(_builder_figures()))
+def test_every_figure_has_the_course_style_and_its_legend_clears_the_title(name):
+    fig = _builder_figures()[name]
+    assert fig.layout.template.to_plotly_json() == viz.TEMPLATE.to_plotly_json(), name
+    # the title sits in the top margin, anchored at its top ...
+    assert _effective(fig, "title", "yref") == "container"
+    assert _effective(fig, "title", "yanchor") == "top" and _effective(fig, "title", "y") >= 0.9
+    assert _effective(fig, "margin", "t") >= 2.5 * _effective(fig, "title", "font", "size")
+    # ... and the legend lies right of the plot area from its top edge down, or below it
+    right = (_effective(fig, "legend", "x") >= 1 and _effective(fig, "legend", "xanchor") == "left"
+             and _effective(fig, "legend", "y") <= 1
+             and _effective(fig, "legend", "yanchor") == "top")
+    below = _effective(fig, "legend", "y") < 0 and _effective(fig, "legend", "yanchor") == "top"
+    assert right or below, f"{name}: the legend can reach the title"
+
+
+def test_precisions_keep_their_colour_in_every_figure():
+    fig = viz.lines_figure({"bf16 measured": ([1], [1]), "bf16 predicted": ([1], [2]),
+                            "other": ([1], [3])}, "x", "y")
+    assert [t.line.color for t in fig.data[:2]] == [viz.PRECISION_COLORS["bf16"]] * 2
+    assert [t.line.dash for t in fig.data[:2]] == ["solid", "dash"]  # told apart by dash
+    assert fig.data[2].line.color not in viz.PRECISION_COLORS.values()
+    bars = viz.comparison_bars({"fp16": 1e-3, "fp64": 1e-16})
+    assert list(bars.data[0].marker.color) == [viz.PRECISION_COLORS[p] for p in ("fp16", "fp64")]
+    assert viz.precision_color("fp32: accumulated vs single batch") == viz.PRECISION_COLORS["fp32"]
+    assert viz.precision_color("fp320") is None
+    assert viz.style(go.Figure()).layout.template.to_plotly_json() == \
+        viz.TEMPLATE.to_plotly_json()
+
+
+def test_log_bars_span_at_least_three_decades():
+    fig = viz.comparison_bars({"a": 1.0e-7, "b": 1.25e-7})  # 25% apart
+    low, high = fig.layout.yaxis.range
+    assert high - low >= 3 and "log scale" in fig.layout.yaxis.title.text

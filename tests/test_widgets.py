@@ -67,6 +67,15 @@ def test_plan_panel_is_a_thin_call(figure_mode):
     assert all(not s.continuous_update for s in _sliders(panel))
 
 
+def test_sliders_leave_their_track_room_beside_the_description():
+    """A long description with ipywidgets' default width left a track about 20 px wide."""
+    panel = widgets.plan_panel(256, 12)
+    for s in _sliders(panel):
+        width = int(s.layout.width.removesuffix("px"))
+        assert width - 7 * len(s.description) >= 250, (s.description, s.layout.width)
+        assert s.style.description_width == "initial"
+
+
 def test_memory_panel_follows_its_controls(figure_mode):
     panel = widgets.memory_panel(size="gpt2-small", micro_batch=8, seq_len=1024,
                                  precision="bf16", attention="eager", gpu_gib=80)

@@ -164,9 +164,22 @@ class Panel:
         return self.widget._repr_mimebundle_(**kwargs)
 
 
+def _slider_layout(description: str) -> W.Layout:
+    """Room for the whole description and a track of about 250 px (ipywidgets' default 300 px
+    includes the description, which left a long one's track a few pixels wide)."""
+    return W.Layout(width=f"{max(340, 7 * len(description) + 270)}px")
+
+
 def slider(description: str, options: Sequence, value) -> W.SelectionSlider:
     return W.SelectionSlider(options=list(options), value=value, description=description,
-                             continuous_update=False, style={"description_width": "initial"})
+                             continuous_update=False, style={"description_width": "initial"},
+                             layout=_slider_layout(description))
+
+
+def int_slider(description: str, value: int, min: int, max: int) -> W.IntSlider:
+    return W.IntSlider(value=value, min=min, max=max, description=description,
+                       continuous_update=False, style={"description_width": "initial"},
+                       layout=_slider_layout(description))
 
 
 def dropdown(description: str, options: Sequence, value) -> W.Dropdown:

@@ -8,9 +8,11 @@ given, so a test can read ``fig.data[i].y`` instead of looking at pixels.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 
 import plotly.graph_objects as go
+import plotly.io as pio
 
 GIB = 2**30
 # One colour per precision, and per memory component, shared by all figures.
@@ -24,8 +26,49 @@ MEMORY_PARTS = (
     ("activations", "activations", "#ff7f0e"),
     ("logits", "logits and loss", "#d62728"),
 )
-_LAYOUT = dict(template="plotly_white", height=380, margin=dict(l=60, r=20, t=50, b=50),
-               legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+# Lines that are not a precision take these, so that a colour never means two things at once.
+OTHER_COLORS = ("#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#393b79", "#637939",
+                "#843c39")
+
+# The course's one plot style. The title sits in the top margin (`yref="container"`) and the
+# legend to the right of the plot area, starting at its top edge: however many entries it
+# has, it grows downwards and never covers the title (tests/test_viz.py checks every builder).
+TEMPLATE = go.layout.Template(pio.templates["plotly_white"])
+TEMPLATE.layout.update(
+    font=dict(family="Arial, Helvetica, sans-serif", size=13, color="#222"),
+    title=dict(x=0, xref="paper", xanchor="left", y=0.98, yref="container", yanchor="top",
+               font=dict(size=15)),
+    margin=dict(l=70, r=20, t=60, b=55, autoexpand=True),
+    legend=dict(orientation="v", x=1.02, xanchor="left", y=1, yanchor="top",
+                font=dict(size=12)),
+    colorway=list(OTHER_COLORS), height=380,
+)
+pio.templates["accumlab"] = TEMPLATE
+_LAYOUT = dict(template=TEMPLATE)
+
+
+def style(fig: go.Figure) -> go.Figure:
+    """Give a figure built outside this module the course's plot style (returns `fig`)."""
+    fig.update_layout(template=TEMPLATE)
+    return fig
+
+
+def precision_color(name: str) -> str | None:
+    """The fixed colour of the precision that `name` starts with ("fp32", "bf16: k = 4" ...)."""
+    match = re.match(r"(fp64|fp32|tf32|bf16|fp16)\b", name)
+    return PRECISION_COLORS[match.group(1)] if match else None
+
+
+def _line_styles(names: Sequence[str]) -> list[dict]:
+    """A line style per trace: its precision's colour where the name starts with one (the
+    second and third lines of a colour dashed and dotted), else the next other colour."""
+    styles, seen, others = [], {}, iter(OTHER_COLORS * 4)
+    for name in names:
+        color = precision_color(str(name)) or next(others)
+        dash = ("solid", "dash", "dot", "dashdot")[seen.get(color, 0) % 4]
+        seen[color] = seen.get(color, 0) + 1
+        styles.append(dict(color=color, dash=dash))
+    return styles
 
 
 def _positive_or_none(values: Sequence[float]) -> list[float | None]:
@@ -94,14 +137,23 @@ def equivalence_figure(records: Sequence[Mapping], title: str | None = None) -> 
 
 def comparison_bars(values: Mapping[str, float], title: str | None = None,
                     y_title: str = "relative difference", log: bool = True) -> go.Figure:
-    """One bar per named number (a log axis by default; zeros are left out)."""
+    """One bar per named number, each labelled with its value; a bar named by a precision
+    takes its colour. On the log axis (the default; zeros are left out) the range spans at
+    least three whole decades, so that values 25% apart do not look ten times apart."""
     names = list(values)
     ys = _positive_or_none([values[n] for n in names]) if log else [values[n] for n in names]
+    colors = [precision_color(str(n)) or OTHER_COLORS[0] for n in names]
     fig = go.Figure(go.Bar(x=names, y=ys, text=[f"{values[n]:.2e}" for n in names],
-                           textposition="outside", marker_color="#1f77b4"))
+                           textposition="outside", marker_color=colors))
     fig.update_layout(yaxis_title=y_title, title=title, showlegend=False, **_LAYOUT)
-    if log:
-        fig.update_yaxes(type="log", exponentformat="power")
+    positive = [v for v in ys if v is not None] if log else []
+    if positive:
+        top = math.ceil(math.log10(max(positive)))
+        bottom = min(math.floor(math.log10(min(positive))), top - 3)
+        fig.update_yaxes(type="log", exponentformat="power", range=[bottom, top + 0.5],
+                         title=f"{y_title} (log scale)")
+    elif log:
+        fig.update_yaxes(type="log", exponentformat="power", title=f"{y_title} (log scale)")
     return fig
 
 
@@ -109,9 +161,9 @@ def loss_curves_figure(runs: Mapping[str, Sequence[Mapping]], y: str = "loss",
                        title: str | None = None) -> go.Figure:
     """One line per run: `y` of each history record (from `TrainResult.history`) by step."""
     fig = go.Figure()
-    for name, history in runs.items():
+    for (name, history), line in zip(runs.items(), _line_styles(list(runs))):
         fig.add_scatter(x=[r["step"] for r in history], y=[r[y] for r in history],
-                        mode="lines+markers", name=name)
+                        mode="lines+markers", name=name, line=line)
     fig.update_layout(xaxis_title="optimizer step", yaxis_title=y, title=title, **_LAYOUT)
     return fig
 
@@ -121,9 +173,9 @@ def lines_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                  log_y: bool = False, mode: str = "lines+markers") -> go.Figure:
     """Generic line plot: ``{name: (xs, ys)}``."""
     fig = go.Figure()
-    for name, (xs, ys) in series.items():
+    for (name, (xs, ys)), line in zip(series.items(), _line_styles(list(series))):
         fig.add_scatter(x=list(xs), y=_positive_or_none(ys) if log_y else list(ys), mode=mode,
-                        name=name)
+                        name=name, line=line)
     fig.update_layout(xaxis_title=x_title, yaxis_title=y_title, title=title, **_LAYOUT)
     if log_x:
         fig.update_xaxes(type="log")
@@ -139,8 +191,7 @@ def partition_figure(windows: Sequence[Mapping], title: str | None = None) -> go
     `accumlab.lab.equivalence.window_report`); a dropped window is drawn hatched.
     """
     fig = go.Figure()
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-               "#bcbd22", "#17becf"]
+    palette = OTHER_COLORS
     index = 0
     for w, window in enumerate(windows):
         counts = list(window["items"])
@@ -185,8 +236,9 @@ def format_table(records: Sequence[Mapping], columns: Sequence[str] | None = Non
 
 
 __all__ = [
-    "comparison_bars", "equivalence_figure", "format_table", "lines_figure",
-    "loss_curves_figure", "memory_figure", "partition_figure",
+    "MEMORY_PARTS", "OTHER_COLORS", "PRECISION_COLORS", "TEMPLATE", "comparison_bars",
+    "equivalence_figure", "format_table", "lines_figure", "loss_curves_figure", "memory_figure",
+    "partition_figure", "precision_color", "style",
 ]
 
 

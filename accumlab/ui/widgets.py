@@ -16,7 +16,6 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-import ipywidgets as W
 import torch
 
 from accumlab.engine.models import SIZES
@@ -32,6 +31,7 @@ from accumlab.ui.panel import (
     Panel,
     dropdown,
     figure_mode,
+    int_slider,
     sci,
     slider,
 )
@@ -45,13 +45,8 @@ from accumlab.ui.panel import (
 def plan_panel(target_batch: int = 256, max_micro_batch: int = 12, **kwargs) -> Panel:
     """Effective batch = micro-batch x accumulation steps: `memory.plan_accumulation`."""
     controls = {
-        "target_batch": W.IntSlider(value=target_batch, min=1, max=1024, description="target batch",
-                                    continuous_update=False,
-                                    style={"description_width": "initial"}),
-        "max_micro_batch": W.IntSlider(value=max_micro_batch, min=1, max=128,
-                                       description="largest micro-batch that fits",
-                                       continuous_update=False,
-                                       style={"description_width": "initial"}),
+        "target_batch": int_slider("target batch", target_batch, 1, 1024),
+        "max_micro_batch": int_slider("largest micro-batch that fits", max_micro_batch, 1, 128),
     }
 
     def describe(plan):
