@@ -1,5 +1,6 @@
-"""The notebook UI: plotly figure builders (`viz`) and ipywidgets panels (`widgets`).
+"""The notebook UI: plotly figure builders (`viz`), ipywidgets panels (`widgets`) and HTML
+tables (`tables`).
 
 Thin: widgets hold no math, they call the lab. Only notebooks import this package, and it is
-the only place that imports plotly and ipywidgets.
+the only place that imports plotly, ipywidgets and pandas.
 """
