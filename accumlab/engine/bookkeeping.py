@@ -90,12 +90,24 @@ def resume_fields(cfg: TrainConfig) -> dict:
 def save_run(cfg, name, model, optimizer, scheduler, scaler, step, epoch, position, history,
           tracker, latest: bool = True) -> Path:
     micro_done, tokens_seen, noise = position
+    check_finite_weights(model, step)
     state = {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens_seen": tokens_seen,
              "windows_done": micro_done // cfg.accum_steps,
              "noise_state": noise.state_dict() if noise is not None else None,
              "config": cfg.to_dict(), "history": history, "eval_state": tracker.state}
     return save_checkpoint(cfg.checkpoint_dir, name, model=model, optimizer=optimizer,
                            scheduler=scheduler, scaler=scaler, state=state, update_latest=latest)
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """Refuse to checkpoint weights that hold inf or nan (they would become `latest`)."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(
+            f"after optimizer step {step} the weights hold inf or nan ({', '.join(bad[:3])}"
+            f"{' ...' if len(bad) > 3 else ''}), so no checkpoint was written and `latest` still "
+            "names the last good one. Lower the learning rate or turn on clip_grad_norm."
+        )
 
 
 def resume_run(cfg, model, optimizer, scheduler, scaler) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, fields
 
@@ -12,6 +13,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 LR_SCALINGS = ("none", "linear", "sqrt")
 EVAL_METRICS = ("loss", "accuracy", "f1", "perplexity")
+BOOLEANS = ("shuffle", "compile", "progress", "noise_scale", "gradient_checkpointing",
+            "validate_data")
 TASKS = ("causal_lm", "masked_lm", "classification")
 NORMALIZATIONS = ("tokens", "samples", "mean_of_means")
 PARTIAL_WINDOW_POLICIES = ("step", "drop")
@@ -74,8 +77,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute block activations in the backward
     loss_chunk_size: int | None = 8192  # positions per cross-entropy chunk (None: one piece)
     micro_batch_tokens: int | None = None  # token-budget micro-batches (rows x longest)
+    # faults
+    keep_last: int | None = 3  # step checkpoints kept (plus "best"); None keeps them all
+    collective_timeout_s: float = 300.0  # DDP: a rank waiting this long on the others stops
+    validate_data: bool = True  # check every example's ids, lengths and labels before training
 
     def __post_init__(self):
+        for name in ("lr", "weight_decay", "momentum", "min_lr_ratio", "clip_grad_norm",
+                     "epochs", "collective_timeout_s"):
+            _number(self, name)
+        for name in BOOLEANS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, "
+                                 f"got {getattr(self, name)!r}")
         _positive_int(self, "micro_batch_size", "the number of sequences per forward pass")
         _positive_int(self, "accum_steps", "micro-batches per optimizer step; 1 = no accumulation")
         if self.max_steps is None and self.epochs is None:
@@ -84,10 +98,31 @@ class TrainConfig:
             raise ValueError("TrainConfig: set only one of max_steps and epochs, not both")
         if self.max_steps is not None:
             _positive_int(self, "max_steps", "the number of optimizer steps")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"TrainConfig.epochs must be > 0, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.epochs is not None and not 0 < self.epochs < math.inf:
+            raise ValueError(f"TrainConfig.epochs must be a finite number > 0, got "
+                             f"{self.epochs!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr!r}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("TrainConfig.min_lr_ratio (the floor of the decay, as a fraction "
+                             f"of lr) must be in [0, 1], got {self.min_lr_ratio!r}")
+        _betas(self.betas)
+        if not 0 < self.collective_timeout_s < math.inf:
+            raise ValueError("TrainConfig.collective_timeout_s must be a finite number of "
+                             f"seconds > 0, got {self.collective_timeout_s!r}")
+        for name in ("seed", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.pad_token_id is not None and (
+                isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int)
+                or self.pad_token_id < 0):
+            raise ValueError(f"TrainConfig.pad_token_id must be an integer >= 0 or None, got "
+                             f"{self.pad_token_id!r}")
         _choice(self, "optimizer", OPTIMIZERS)
         _choice(self, "schedule", SCHEDULES)
         _choice(self, "precision", PRECISIONS)
@@ -96,15 +131,14 @@ class TrainConfig:
         _choice(self, "device", DEVICES)
         _choice(self, "task", ("auto",) + TASKS)
         _choice(self, "eval_metric", EVAL_METRICS)
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(
                 f"TrainConfig.clip_grad_norm must be > 0 or None (off), got {self.clip_grad_norm}"
             )
         if self.eval_every is not None and self.eval_every != "epoch":
             _positive_int(self, "eval_every", "optimizer steps between evaluations, or 'epoch'")
-        for name in ("checkpoint_every", "early_stopping_patience", "eval_batch_size"):
+        for name in ("checkpoint_every", "early_stopping_patience", "eval_batch_size",
+                     "keep_last"):
             if getattr(self, name) is not None:
                 _positive_int(self, name, "or None to turn it off")
         if self.checkpoint_every is not None and self.checkpoint_dir is None:
@@ -157,6 +191,26 @@ class TrainConfig:
         with open(path, "rb") as f:
             data = tomllib.load(f)
         return cls.from_dict(data.get("train", data))
+
+
+def _number(cfg: TrainConfig, name: str) -> None:
+    """Numbers must be numbers: a string such as "3e-4" names the field instead of failing later."""
+    value = getattr(cfg, name)
+    if value is None and name in ("clip_grad_norm", "epochs"):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = f" (write {name}={value} without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}{hint}")
+    if math.isnan(value):
+        raise ValueError(f"TrainConfig.{name} must be a number, got nan")
+
+
+def _betas(betas) -> None:
+    ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)
+    if not ok:
+        raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1) (AdamW's moment "
+                         f"decays, e.g. (0.9, 0.999)), got {betas!r}")
 
 
 def _positive_int(cfg: TrainConfig, name: str, meaning: str) -> None:

@@ -201,7 +201,7 @@ def train(
             batches = micro_batches(train_data, [], cfg.micro_batch_size, pad_token_id=pad_id,
                                     groups=groups, collate=collate, skip=micro_done,
                                     seq_len=current_seq_len)
-            steps_before, micro_before = step, micro_done
+            logged_before, micro_before = len(history), micro_done
             for window in engine.windows(batches, sizes=next_window_size):
                 t0 = time.perf_counter()
                 tokens = sum(real_tokens(b, pad_id) for b in window.micro_batches)
@@ -254,7 +254,7 @@ def train(
                 if step >= total_steps:
                     break
             else:
-                if micro_done > micro_before and step == steps_before:
+                if micro_done > micro_before and len(history) == logged_before:
                     raise ValueError(
                         f"epoch {epoch} made no optimizer step: every window had all labels "
                         "masked (-100). Check the labels in train_data."

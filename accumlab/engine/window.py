@@ -39,6 +39,13 @@ class MeanOfMeansWarning(UserWarning):
     """mean_of_means weighted micro-batches with unequal item counts unequally."""
 
 
+class NonFiniteWarning(UserWarning):
+    """fp16: the GradScaler skipped a window whose loss or gradient was not finite."""
+
+
+MAX_SKIPS_IN_A_ROW = 30  # fp16 windows skipped in a row before training counts as diverged
+
+
 @dataclass
 class WindowRecord:
     """What one window did: the logged loss is L_W itself."""
@@ -107,6 +114,7 @@ class Accumulator:
         self.loss_chunk_size = loss_chunk_size
         self.noise_scale = noise_scale
         self._warned_mean_of_means = False
+        self.skipped_in_a_row = 0  # fp16 windows the GradScaler skipped since the last step
 
     def windows(self, micro_batches: Iterable[dict], sizes=None) -> Iterator[Window]:
         """Yield windows of k micro-batches (a short last one per `partial_window`).
@@ -229,6 +237,8 @@ class Window:
 
     def _global_loss_sum(self) -> torch.Tensor:
         """L_W summed over ranks, still on the device (no host sync)."""
+        if not distributed.is_distributed():
+            return self._loss_sum.reshape(())
         value = self._loss_sum.to(distributed.collective_device()).reshape(1).clone()
         return distributed.all_reduce_sum(value).reshape(())
 
@@ -256,40 +266,84 @@ class Window:
             return WindowRecord(loss, self.n_items, len(self), float("nan"), lr, False)
 
         scaler = acc.scaler
-        # Without a GradScaler, a fused optimizer can skip the update on device when L_W is not
-        # finite, so the host reads L_W only after the step is queued (one sync per window).
-        guard_on_device = scaler is None and _supports_found_inf(opt) and loss_t.is_cuda
-        if guard_on_device:
-            opt.found_inf = (~torch.isfinite(loss_t)).float().reshape(())
-        else:
-            self._checked(float(loss_t))
         if scaler is not None:
             scaler.unscale_(opt)
         if acc.clip_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, acc.clip_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        stepped = True
         if scaler is not None:
-            scale_before = scaler.get_scale()
-            scaler.step(opt)
-            scaler.update()
-            stepped = scaler.get_scale() >= scale_before  # the scale drops when grads overflowed
-        else:
+            return self._scaled_step(loss_t, norm, lr)
+        # A fused optimizer skips its update on device when found_inf is 1, so the host reads
+        # L_W and the gradient norm only after the step is queued: one sync per window.
+        if _supports_found_inf(opt):
+            finite = torch.isfinite(norm) & torch.isfinite(loss_t.to(norm.device))
+            opt.found_inf = (~finite).float().reshape(())
             opt.step()
-            if guard_on_device:
-                del opt.found_inf
-        loss = self._checked(float(loss_t))  # raises before the scheduler if L_W was not finite
-        if stepped and acc.scheduler is not None:
+            del opt.found_inf
+            loss, norm_value = _read(loss_t, norm)
+        else:
+            loss, norm_value = _read(loss_t, norm)
+            if math.isfinite(loss) and math.isfinite(norm_value):
+                opt.step()
+        if not (math.isfinite(loss) and math.isfinite(norm_value)):
+            opt.zero_grad(set_to_none=True)  # a caller that catches the error starts clean
+            self._checked(loss)
+            raise FloatingPointError(
+                f"the gradient norm is {norm_value} although the window loss is {loss:.6g}: "
+                "an overflow in the backward pass, or weights already too large. Lower the "
+                "learning rate or turn on clip_grad_norm. The weights were not updated and the "
+                "gradients were cleared."
+            )
+        if acc.scheduler is not None:
             acc.scheduler.step()
         opt.zero_grad(set_to_none=True)
-        reason = None if stepped else "fp16 overflow: GradScaler skipped the step"
-        extra = {}
-        if self._small_sq is not None:
-            extra = {"small_sq": float(self._small_sq), "small_items": self.item_counts[0],
-                     "big_sq": float(norm) ** 2, "big_items": self.n_items}
-        return WindowRecord(loss, self.n_items, len(self), float(norm), lr, stepped, reason,
-                            extra)
+        return WindowRecord(loss, self.n_items, len(self), norm_value, lr, True, None,
+                            self._noise_extra(norm_value))
+
+    def _scaled_step(self, loss_t: torch.Tensor, norm: torch.Tensor, lr: float) -> WindowRecord:
+        """fp16: the GradScaler skips a window whose loss or gradient is not finite."""
+        acc, opt, scaler = self.acc, self.acc.optimizer, self.acc.scaler
+        loss, norm_value = _read(loss_t, norm)
+        scale_before = scaler.get_scale()
+        if math.isfinite(loss):
+            scaler.step(opt)  # skipped by the scaler itself when the gradient overflowed
+            scaler.update()
+            stepped = scaler.get_scale() >= scale_before  # the scale drops on an overflow
+        else:  # the gradient may still look finite: skip, and lower the scale as on overflow
+            scaler.update(new_scale=scale_before * scaler.get_backoff_factor())
+            stepped = False
+        opt.zero_grad(set_to_none=True)
+        if stepped:
+            acc.skipped_in_a_row = 0
+            if acc.scheduler is not None:
+                acc.scheduler.step()
+            return WindowRecord(loss, self.n_items, len(self), norm_value, lr, True, None,
+                                self._noise_extra(norm_value))
+        acc.skipped_in_a_row += 1
+        if acc.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise FloatingPointError(
+                f"fp16: {acc.skipped_in_a_row} windows in a row had a loss or gradient that is "
+                f"not finite, although the GradScaler lowered the loss scale to "
+                f"{scaler.get_scale():g}: training diverged or the data holds invalid values. "
+                "Lower the learning rate or use bf16/fp32. The weights were not updated."
+            )
+        warnings.warn(
+            "fp16: a window's loss or gradient was not finite, so the GradScaler skipped its "
+            "update and lowered the loss scale (a few skips at the start are normal while the "
+            "scale settles; many mean that training diverged)",
+            NonFiniteWarning,
+            stacklevel=3,
+        )
+        what = "loss" if not math.isfinite(loss) else "gradient"
+        reason = f"fp16: the {what} was not finite, the GradScaler skipped the step"
+        return WindowRecord(loss, self.n_items, len(self), norm_value, lr, False, reason)
+
+    def _noise_extra(self, norm_value: float) -> dict:
+        if self._small_sq is None:
+            return {}
+        return {"small_sq": float(self._small_sq), "small_items": self.item_counts[0],
+                "big_sq": norm_value ** 2, "big_items": self.n_items}
 
     def _checked(self, loss: float) -> float:
         if not math.isfinite(loss):
@@ -299,6 +353,14 @@ class Window:
                 "precision (fp32 instead of fp16). The weights were not updated."
             )
         return loss
+
+
+def _read(loss_t: torch.Tensor, norm: torch.Tensor) -> tuple[float, float]:
+    """L_W and the gradient norm on the host, with one device sync for both."""
+    both = torch.stack([loss_t.detach().reshape(()).double().to(norm.device),
+                        norm.detach().reshape(()).double()])
+    loss, norm_value = both.tolist()
+    return loss, norm_value
 
 
 def _supports_found_inf(optimizer) -> bool:
