@@ -3,10 +3,14 @@
 No stray outputs: only cells tagged `nbval-check-output` may carry outputs, as plain text with an
 execution count, so that `pytest --nbval-lax` compares exactly those. Every notebook has the
 course header, one short Colab install cell (a no-op elsewhere, safe to re-run, pins Colab's torch
-and pyproject.toml's transformers range), one `parameters` cell that
-reads ACCUMLAB_CI, what the learner will be able to do, and self-check questions.
+and pyproject.toml's transformers range), one `parameters` cell, what the learner will be able
+to do, and self-check questions.
+
+What students run is what CI runs: no size in a notebook depends on ACCUMLAB_CI (only a GPU
+switch may read it; `test_students_run_what_ci_runs`).
 """
 
+import ast
 import re
 import shutil
 import subprocess
@@ -91,10 +95,70 @@ def test_checked_outputs_are_short_robust_facts(name):
 
 
 @pytest.mark.parametrize("name", COURSE)
-def test_one_parameters_cell_reads_the_ci_variable(name):
+def test_one_parameters_cell(name):
     cells = [c for c in _code(_load(name)) if "parameters" in _tags(c)]
     assert len(cells) == 1, f"{name}: {len(cells)} cells tagged 'parameters'"
-    assert 'os.environ.get("ACCUMLAB_CI"' in cells[0].source
+
+
+def _python(source):
+    """A cell's source as Python: IPython magics and shell lines become blank lines."""
+    return "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+
+
+def _is_gpu_switch(targets, value):
+    return any("GPU" in t for t in targets) or re.search(r"cuda|DEVICE", ast.unparse(value))
+
+
+def _ci_dependent_statements(nb):
+    """Statements whose result depends on ACCUMLAB_CI, other than GPU switches.
+
+    A name assigned from an expression that reads "ACCUMLAB_CI" is a CI flag, and so is
+    any name assigned from a CI flag; an assignment from a CI flag is allowed only when it
+    is a GPU switch (its target names contain "GPU", or its value also tests for CUDA).
+    """
+    flags, found = set(), []
+    for cell in _code(nb):
+        for node in ast.walk(ast.parse(_python(cell.source))):
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            reads_ci = any(isinstance(n, ast.Constant) and n.value == "ACCUMLAB_CI"
+                           for n in ast.walk(node))
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = [n.id for t in (node.targets if isinstance(node, ast.Assign)
+                                          else [node.target])
+                           for n in ast.walk(t) if isinstance(n, ast.Name)]
+                if reads_ci and not (names & flags):
+                    flags.update(targets)  # CI = os.environ.get("ACCUMLAB_CI", ...) == "1"
+                elif names & flags and not _is_gpu_switch(targets, node.value):
+                    found.append(ast.unparse(node))
+                    flags.update(targets)
+            elif isinstance(node, (ast.If, ast.IfExp, ast.While)) and (
+                    {n.id for n in ast.walk(node.test) if isinstance(n, ast.Name)} & flags):
+                found.append(ast.unparse(node.test))
+            elif isinstance(node, ast.Expr) and reads_ci:
+                found.append(ast.unparse(node))
+    return found
+
+
+@pytest.mark.parametrize("name", COURSE)
+def test_students_run_what_ci_runs(name):
+    """CI executes every notebook at its default sizes: no size may shrink for CI (issue 12).
+    A GPU switch may read ACCUMLAB_CI; nothing else may."""
+    found = _ci_dependent_statements(_load(name))
+    assert not found, f"{name}: sizes or branches depend on ACCUMLAB_CI: {found}"
+
+
+def test_the_ci_dependency_check_finds_what_it_should():
+    def nb(*sources):
+        return nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+
+    flag = 'import os\nCI = os.environ.get("ACCUMLAB_CI", "0") == "1"\n'
+    assert _ci_dependent_statements(nb(flag + "STEPS = 3 if CI else 8"))
+    assert _ci_dependent_statements(nb(flag, "%time x = 1\nif CI:\n    N = 2"))
+    assert _ci_dependent_statements(nb(flag + "SMALL = CI\n", "N = 2 if SMALL else 8"))
+    assert not _ci_dependent_statements(nb(flag + "GPU_MEASURE = not CI\nSTEPS = 8"))
+    assert not _ci_dependent_statements(nb(flag + 'BIG = DEVICE == "cuda" and not CI'))
+    assert not _ci_dependent_statements(nb("STEPS = 8"))
 
 
 @pytest.mark.parametrize("name", COURSE)
