@@ -37,8 +37,7 @@ def structure_finding(mon: Monitor, n_micro: int, probe: str) -> Diagnosis | Non
                 f"in the {probe} probe your function raised {describe_error(mon.error)}",
                 "accumulate the loss tensors themselves (or call backward on each micro-batch's "
                 "loss); use .item() only for logging", probe=probe)
-        return Diagnosis("function_raised", f"your function raised {type(mon.error).__name__}",
-                         f"in the {probe} probe: {describe_error(mon.error)}", probe=probe)
+        return raised_finding(mon.error, probe)
     if len(mon.steps) > 1:
         return Diagnosis(
             "step_every_micro_batch",
@@ -74,7 +73,24 @@ def structure_finding(mon: Monitor, n_micro: int, probe: str) -> Diagnosis | Non
     return None
 
 
-def scale_finding(c: float, k: int, probe: str, scaler: bool, tol: float) -> Diagnosis | None:
+def raised_finding(error: BaseException, probe: str) -> Diagnosis:
+    """The function raised (or called sys.exit(), or was interrupted): say so, never re-raise."""
+    if isinstance(error, SystemExit):
+        title = f"your function called sys.exit({error.code!r})"
+        fix = "return from the function instead of exiting the process"
+    elif isinstance(error, KeyboardInterrupt):
+        title = "your function raised KeyboardInterrupt (or the check was interrupted)"
+        fix = "the check stopped here; run it again"
+    else:
+        title, fix = f"your function raised {type(error).__name__}", ""
+    return Diagnosis("function_raised", title, f"in the {probe} probe: {describe_error(error)}",
+                     fix, probe=probe)
+
+
+def scale_finding(c: float, k: int, probe: str, scaler: bool, tol: float,
+                  unshifted: float | None = None) -> Diagnosis | None:
+    """Name a wrong length of an otherwise exact update. `unshifted` is N_shifted / N_unshifted
+    of the probe window: the scale of a loop that counts labels before the causal shift."""
     if close(c, 1.0, tol):
         return None
     title_scale = f"your update is {c:.2f}× the exact one"
@@ -100,6 +116,16 @@ def scale_finding(c: float, k: int, probe: str, scaler: bool, tol: float) -> Dia
             "the optimizer stepped on gradients still multiplied by the loss scale",
             "step with scaler.step(optimizer) and scaler.update() (or scaler.unscale_ first)",
             probe=probe)
+    if unshifted is not None and close(c, unshifted, tol):
+        return Diagnosis(
+            "wrong_scale",
+            f"{title_scale}: the token count includes the first label of every row",
+            f"{c:.4f} = (label tokens after the causal shift) / (labels before it) of this "
+            "window: N also counts each row's first label, which no position predicts, so every "
+            "update is a little too short (transformers PR #46204; the Hugging Face Trainer "
+            "counts this way for a model whose loss_type is None, as a stock GPT2LMHeadModel's is)",
+            "count labels[:, 1:] != -100 (what the model's loss averages over), or set "
+            "model.loss_type = 'ForCausalLM' before building the Trainer", probe=probe)
     return Diagnosis("wrong_scale", f"{title_scale}",
                      "the update has the exact direction but the wrong length",
                      "the window's gradient must be (sum of token losses) / (token count)",
@@ -170,3 +196,70 @@ def logged_loss_finding(returned, exact_loss: float, batches, model, k) -> Diagn
         f"{exact_loss:.4f}", f"it equals {label}",
         "log the window's loss: sum of token losses / token count (Lightning #2569, "
         "transformers #35204)", severity="warning", probe="equal")
+
+
+def early_step_finding(c: float, j: int, mon: Monitor, n_micro: int, probe: str) -> Diagnosis:
+    """One step after micro-batch j < n of the window: the update is micro-batches 1..j only."""
+    which = "micro-batch 1" if j == 1 else f"micro-batches 1..{j}"
+    evidence = (f"one optimizer step, after backward pass {j} of {mon.backwards}: the update is "
+                f"{c:.2f}× the gradient of {which} alone; micro-batches {j + 1}..{n_micro} "
+                "were backpropagated after the step, so their gradients wait in .grad and join "
+                "the next window")
+    if j == 1:
+        evidence += (" (the off-by-one of `if step % k == 0` with step counting from 0: the "
+                     "window's first micro-batch is stepped alone)")
+    return Diagnosis(
+        "step_off_by_one" if j == 1 else "step_before_window_end",
+        f"the optimizer steps after micro-batch {j} of the window, not after the last "
+        f"({n_micro})", evidence,
+        "step after the last micro-batch of the window: `if (step + 1) % k == 0` with step "
+        "counting from 0, or once after the loop over the window", probe=probe)
+
+
+def dropped_finding(dropped: dict[int, Monitor], rows: int, k: int,
+                    wasted: bool) -> Diagnosis:
+    """A partial last window that is skipped: a policy (torchtune, partial_window="drop")."""
+    lengths = sorted(dropped)
+    passes = ", ".join(f"{m}: {mon.forwards} forward and {mon.backwards} backward passes"
+                       for m, mon in sorted(dropped.items()))
+    evidence = (f"windows of {' and '.join(map(str, lengths))} micro-batches (k={k}) made no "
+                f"step and left no gradient behind ({passes}): the last len(dataset) mod "
+                f"(k × micro-batch size) examples of every epoch are never trained on — up to "
+                f"{(k - 1) * rows} examples per epoch with {rows} per micro-batch, and the same "
+                "ones every epoch unless the data is reshuffled")
+    if wasted:
+        evidence += "; their forward and backward passes were computed and thrown away"
+    return Diagnosis(
+        "partial_window_dropped",
+        "partial window dropped: a last window shorter than k is skipped (a policy, not a bug)",
+        evidence,
+        "fine if intended (torchtune, accumlab's partial_window='drop'); to train on the tail, "
+        "step it normalised by its own token count", severity="note", probe="partial")
+
+
+def timeout_finding(timeout: float, stage: str, isolated: bool) -> Diagnosis:
+    how = ("in a child process, stopped it" if isolated else
+           "with a watchdog, interrupted it")
+    return Diagnosis(
+        "timed_out", f"your function did not finish within {timeout:g} s ({stage} probe)",
+        f"the check ran it {how} after {timeout:g} s; an endless loop (for instance a `while` "
+        "that waits for accum_steps micro-batches in a shorter window) or a very slow function",
+        "make sure the function returns for every window, also one shorter than accum_steps; "
+        "pass a larger timeout= if it is only slow", probe=stage)
+
+
+def crashed_finding(how: str, stage: str) -> Diagnosis:
+    return Diagnosis(
+        "check_crashed", f"the check's child process ended without a result ({stage} probe)",
+        f"it {how}: the function may have called os._exit() or crashed the interpreter",
+        "run check_loop(..., isolate='thread') to see the error in your own process",
+        probe=stage)
+
+
+def float32_note(error: str, tol: float) -> Diagnosis:
+    return Diagnosis(
+        "probed_in_float32",
+        "your function needs float32: every verdict here comes from a float32 probe model",
+        f"in float64 it raised {error}; rerun on the same GPT-2 in float32, judged with "
+        f"tolerance {tol:g} (float32 rounding) instead of the float64 run's",
+        "", severity="note")

@@ -32,6 +32,7 @@ class CheckResult:
     diagnoses: list[Diagnosis]
     probes: dict[str, dict] = field(default_factory=dict)
     not_checked: list[str] = field(default_factory=list)
+    precision: str = "float64"  # of the probe model every verdict here came from
 
     @property
     def ok(self) -> bool:
@@ -49,8 +50,8 @@ class CheckResult:
         return "; ".join(d.title for d in self.diagnoses if d.severity == "bug")
 
     def __str__(self) -> str:
-        head = (f"check_loop({self.name}): k={self.accum_steps}, tiny GPT-2 in float64, SGD lr=1, "
-                f"probes: {', '.join(self.probes)}")
+        head = (f"check_loop({self.name}): k={self.accum_steps}, tiny GPT-2 in {self.precision}, "
+                f"SGD lr=1, probes: {', '.join(self.probes)}")
         if self.ok:
             lines = [head, "correct: every probe matches the exact window update."]
         else:
@@ -75,5 +76,5 @@ class CheckResult:
         extra = ("<p><small>not checked: " + html.escape("; ".join(self.not_checked))
                  + "</small></p>") if self.not_checked else ""
         return (f"<div><p><code>check_loop({html.escape(self.name)})</code>, "
-                f"k={self.accum_steps}: <b style='color:{colour}'>{verdict}</b></p>"
+                f"k={self.accum_steps}, {self.precision}: <b style='color:{colour}'>{verdict}</b></p>"
                 f"<ul>{rows}</ul>{extra}</div>")
