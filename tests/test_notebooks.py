@@ -8,6 +8,26 @@ to do, and self-check questions.
 
 What students run is what CI runs: no size in a notebook depends on ACCUMLAB_CI (only a GPU
 switch may read it; `test_students_run_what_ci_runs`).
+
+Numbers in the prose are computed (the "lesson audit", run by notebooks/conftest.py after each
+lesson's last cell, in the same nbval run: tests/notebook_audit.py). Every number a markdown
+cell states must appear in what the notebook's code cells print or display (stdout, text,
+HTML tables), rounded as the prose rounds it ("2.6e-7" is backed by a printed 2.63e-07, "25%"
+by 25 or 0.25), or in a code cell's source (parameters, constants). Not checked:
+- single-digit integers, years (1950-2035), and numbers right after a naming word
+  ("section 4.3", "notebook 02", "issue 12", "PR #35808", "Python 3.10");
+- math ($...$), inline code and code blocks, link targets and URLs, HTML tags, the course
+  navigation line and links to lessons, heading and list numbering;
+- the self-check questions (hypotheticals; their answers are checked, and may reuse the
+  questions' numbers);
+- **references**: a paragraph that quotes numbers measured elsewhere says so, with its source,
+  in the words "measured elsewhere: <source>", e.g.
+  `*Reference, measured elsewhere: accumlab/lab/memory/shapes.py (REFERENCE_H100_GPT2_SMALL).*`
+  Every number in that paragraph (the text between blank lines) is then exempt.
+A sentence that states a measured outcome also gets an `nbval-check-output` cell printing a
+boolean verdict at the default sizes, next to a cell that prints the numbers themselves.
+The same audit fails when the notebook would be saved at over 2 MB after Run All (its
+outputs plus the widget state JupyterLab stores with it).
 """
 
 import ast
@@ -19,6 +39,7 @@ import types
 from pathlib import Path
 
 import nbformat
+import notebook_audit
 import pytest
 import torch
 
@@ -265,3 +286,35 @@ def test_links_to_other_notebooks_resolve(name):
     text = "".join(c.source for c in _load(name).cells if c.cell_type == "markdown")
     for target in re.findall(r"\]\(([\w./-]+\.ipynb)\)", text):
         assert (NOTEBOOK_DIR / target).exists(), f"{name} links to missing {target}"
+
+
+def _notebook(*cells):
+    return nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(c[5:]) if c.startswith("code:") else
+        nbformat.v4.new_markdown_cell(c) for c in cells])
+
+
+def test_the_audit_finds_unprinted_numbers_and_respects_the_conventions():
+    nb = _notebook("The error is 2.63e-7 and the ratio 1.60 (25% off); see section 4.3,\n"
+                   "notebook 02 and PR #35808, in 2024, with $12h^2$ and `lr=0.37`.",
+                   "code:K = 16",
+                   "Reference: 3.5 GiB, measured elsewhere: accumlab/lab/memory/shapes.py.\n\n"
+                   "But 77.7 is ours.",
+                   "## Self-check questions\n\n1. Two batches hold 30 and 10 tokens.\n"
+                   "<details>1/(2·30) and 31 each</details>")
+    outputs = {0: [nbformat.v4.new_output("stream", text="error 2.634e-07, ratio 1.6012\n")]}
+    claimed = [n for _, n in notebook_audit.claimed_numbers(nb)]
+    assert claimed == ["2.63e-7", "1.60", "25%", "77.7", "30", "31"]
+    assert notebook_audit.unbacked_numbers(nb, outputs) == [(0, "25%"), (2, "77.7"), (3, "31")]
+    outputs[0].append(nbformat.v4.new_output("display_data", data={
+        "text/html": "<td>0.25</td><td>77.7</td>", "text/plain": "31"}))
+    assert notebook_audit.unbacked_numbers(nb, outputs) == []
+    assert notebook_audit.unbacked_numbers(_notebook("about 2.7e-7"), outputs) == [(0, "2.7e-7")]
+
+
+def test_the_audit_sizes_the_saved_notebook():
+    nb = _notebook("code:print(1)")
+    small = notebook_audit.saved_bytes(nb, {0: []})
+    big = notebook_audit.saved_bytes(
+        nb, {0: [nbformat.v4.new_output("stream", text="x" * 10_000)]}, 5_000)
+    assert big - small >= 15_000

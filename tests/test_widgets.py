@@ -4,6 +4,7 @@ Each panel's callback must be a thin call into the library: the tests compare wh
 shows with what the library function returns for the same arguments.
 """
 
+import json
 import sys
 
 import ipywidgets as W
@@ -16,6 +17,7 @@ import accumlab
 from accumlab import compare_gradients
 from accumlab.engine.models import make_model
 from accumlab.lab import memory
+from accumlab.lab.equivalence import GradientComparison
 from accumlab.ui import viz, widgets
 
 GIB = memory.GIB
@@ -33,14 +35,25 @@ def _sliders(panel):
 
 def test_figure_mode_resolution(monkeypatch):
     monkeypatch.delenv("ACCUMLAB_FIGURES", raising=False)
-    assert widgets.figure_mode() == "widget"  # anywidget is installed here
+    assert widgets.figure_mode() == "output"  # a FigureWidget saves plotly.js in the notebook
     monkeypatch.setitem(sys.modules, "google.colab", object())
-    assert widgets.figure_mode() == "output"  # Colab does not render FigureWidget
+    assert widgets.figure_mode() == "output"
     monkeypatch.setenv("ACCUMLAB_FIGURES", "widget")
     assert widgets.figure_mode() == "widget"
     assert widgets.figure_mode("output") == "output"
     with pytest.raises(ValueError, match="figure mode"):
         widgets.figure_mode("svg")
+
+
+def test_default_panels_save_small():
+    """The widget state JupyterLab saves with a notebook: a FigureWidget's holds plotly.js."""
+    def state_bytes(widget):
+        return len(json.dumps(widget.get_state(), default=lambda b: "x" * len(bytes(b))))
+
+    default = widgets.FigureView(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])))
+    assert isinstance(default.widget, W.Output) and state_bytes(default.widget) < 50_000
+    live = widgets.FigureView(go.Figure(go.Scatter(x=[1, 2], y=[3, 4])), mode="widget")
+    assert state_bytes(live.widget) > 2**20  # why it is not the default
 
 
 def test_figure_view_redraws_in_place_and_with_new_traces(figure_mode):
@@ -128,12 +141,54 @@ def test_equivalence_panel_matches_compare_gradients(figure_mode, tiny_gpt2):
     panel.controls["k"].value = 4
     (expected,) = compare_gradients(tiny_gpt2, data, ks=(4,), precisions=("fp32",),
                                     pad_token_id=1)
-    assert panel.result == pytest.approx(expected)
-    assert panel.readout.value.startswith("k = 4, fp32")
+    assert {key: panel.result[key] for key in expected} == pytest.approx(expected)
+    assert panel.result["items"] == sum(len(e["labels"]) - 1 for e in data)  # after the shift
+    assert f"(N = {panel.result['items']} loss items), k = 4, fp32" in panel.readout.value
     ys = list(panel.view.figure.data[0].y)
     assert ys == pytest.approx([expected["vs_single"], expected["single_vs_fp64"],
                                 expected["vs_fp64"]])
+    assert panel.view.figure.layout.yaxis.type != "log"  # three numbers of one order: linear
     assert panel.runs == 3
+
+
+def test_equivalence_panel_varies_length_and_size_and_reuses_gradients(tiny_gpt2):
+    made = []
+
+    def make(seq_len, n):
+        made.append((seq_len, n))
+        return random_lm_data(n, seed=seq_len, min_len=seq_len // 2, max_len=seq_len)
+
+    table = GradientComparison(tiny_gpt2, make(12, 8), pad_token_id=1)
+    table.record("fp32", 2)  # what the lesson's table computed before the panel
+    panel = widgets.equivalence_panel(tiny_gpt2, make, ks=(1, 2, 4), precisions=("fp64", "fp32"),
+                                      k=2, precision="fp32", pad_token_id=1,
+                                      seq_lens=(6, 12), sizes=(4, 8), seq_len=12,
+                                      n_examples=8, comparison=table)
+    assert panel.result is table.records[("fp32", 2)] or panel.result["vs_single"] == \
+        table.records[("fp32", 2)]["vs_single"]
+    assert made == [(12, 8)]  # the table's examples were reused, not made again
+    seen = []
+    panel.status.observe(lambda change: seen.append(change["new"]), names="value")
+    panel.controls["seq_len"].value = 6
+    assert made[-1] == (6, 8) and panel.result["seq_len"] == 6
+    assert [m for m in seen if "gradient" in m] == [
+        "<i>running… gradient 1 of 3: the float64 single batch (the reference)</i>",
+        "<i>running… gradient 2 of 3: the single batch in fp32</i>",
+        "<i>running… gradient 3 of 3: 2 accumulated micro-batches in fp32</i>"]
+    (expected,) = compare_gradients(tiny_gpt2, make(6, 8), ks=(2,), precisions=("fp32",),
+                                    pad_token_id=1)
+    assert {key: panel.result[key] for key in expected} == pytest.approx(expected)
+    seen.clear()
+    panel.controls["k"].value = 4  # same examples: only the new window is computed
+    assert [m for m in seen if "gradient" in m] == [
+        "<i>running… gradient 1 of 1: 4 accumulated micro-batches in fp32</i>"]
+    panel.controls["n_examples"].value = 4
+    assert panel.result["examples"] == 4 and panel.result["k"] == 4
+    panel.controls["k"].value = 1
+    panel.controls["seq_len"].value = 12
+    panel.controls["n_examples"].value = 8  # back to the table's examples: no new examples
+    assert made.count((12, 8)) == 2  # once for the table, once for the check above
+    assert "s = 12, 8 examples, k = 1, fp32" in panel.view.figure.layout.title.text
 
 
 def test_partition_panel_windows_and_policies(figure_mode, tiny_gpt2):

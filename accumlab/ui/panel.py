@@ -1,6 +1,6 @@
 """The building blocks of every notebook panel: `Panel` (controls, a "running…" state, a
-readout and a figure), `FigureView` (FigureWidget where it renders, a redrawn figure in an
-`Output` where it does not, e.g. Colab or ``ACCUMLAB_FIGURES=output``) and `LiveLossPlot`.
+readout and a figure), `FigureView` (a plain figure redrawn in an `Output`; a FigureWidget
+with ``ACCUMLAB_FIGURES=widget``, see `figure_mode`) and `LiveLossPlot`.
 
 Tests drive a panel without a browser by setting ``panel.controls["k"].value = 4`` and reading
 ``panel.result``, ``panel.readout.value`` or ``panel.view.figure``.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,21 +29,18 @@ FIGURE_MODES = ("widget", "output")
 
 
 def figure_mode(mode: str = "auto") -> str:
-    """"widget" (FigureWidget) or "output" (go.Figure in an Output widget).
+    """"output" (a plain `go.Figure` redrawn in an `Output` widget) or "widget" (FigureWidget).
 
-    "auto" reads ``ACCUMLAB_FIGURES``, then uses "output" on Colab (where FigureWidget does not
-    render) or where anywidget is missing (plotly >= 6 needs it for FigureWidget).
+    "auto" reads ``ACCUMLAB_FIGURES`` and otherwise gives "output": a FigureWidget stores
+    plotly's whole JavaScript bundle (about 5 MB) in the widget state that JupyterLab saves
+    with the notebook, so a lesson with one would be saved at over 5 MB; an `Output` keeps only
+    the figure's data. "widget" (redraws in place, keeps the zoom) needs anywidget and does not
+    render on Colab.
     """
     if mode == "auto":
         mode = os.environ.get("ACCUMLAB_FIGURES", "auto")
     if mode == "auto":
-        if "google.colab" in sys.modules:
-            return "output"
-        try:
-            import anywidget  # noqa: F401
-        except ImportError:
-            return "output"
-        return "widget"
+        return "output"
     if mode not in FIGURE_MODES:
         raise ValueError(f"figure mode must be 'auto' or one of {FIGURE_MODES}, got {mode!r}")
     return mode

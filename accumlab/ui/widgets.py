@@ -6,21 +6,21 @@ drive a panel without a browser by setting ``panel.controls["k"].value = 4`` and
 ``panel.result``, ``panel.readout.value`` or ``panel.view.figure``.
 
 Import it explicitly (``from accumlab.ui import widgets``); the core never imports ipywidgets.
-Figures are `plotly.graph_objects.FigureWidget`s where they render (JupyterLab, Notebook 7,
-VS Code), and plain figures redrawn inside an `ipywidgets.Output` where they do not (Colab, or
-``ACCUMLAB_FIGURES=output``).
+Figures are plain plotly figures redrawn inside an `ipywidgets.Output` (small saved notebooks,
+and they render on Colab too); ``ACCUMLAB_FIGURES=widget`` makes them FigureWidgets instead
+(see `accumlab.ui.panel.figure_mode`).
 """
 
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from accumlab.engine.models import SIZES
 from accumlab.lab import memory
-from accumlab.lab.equivalence import compare_gradients, window_report
+from accumlab.lab.equivalence import GradientComparison, window_report
 from accumlab.ui import viz
 from accumlab.ui.panel import (
     FIGURE_MODES,
@@ -156,47 +156,87 @@ def partition_panel(model: torch.nn.Module, examples: Sequence[dict], task: str 
 # ---------------------------------------------------------------- 03: equivalence
 
 
-def equivalence_panel(model: torch.nn.Module, examples: Sequence[dict],
+def equivalence_panel(model: torch.nn.Module,
+                      examples: Sequence[dict] | Callable[[int, int], Sequence[dict]],
                       ks: Sequence[int] = (1, 2, 4, 8, 16, 32),
                       precisions: Sequence[str] = ("fp64", "fp32", "bf16", "fp16"),
                       k: int | None = None, precision: str | None = None,
                       device: str = "cpu", task: str | None = None,
                       normalization: str = "tokens", pad_token_id: int | None = None,
-                      **kwargs) -> Panel:
-    """Pick k and a precision: accumulated vs single-batch gradient, each against fp64."""
-    ks = [k_ for k_ in ks if k_ <= len(examples)]
-    controls = {
-        "k": slider("accumulation steps k", ks, k if k is not None else ks[min(2, len(ks) - 1)]),
-        "precision": dropdown("precision", precisions,
-                               precision if precision is not None else precisions[0]),
-    }
+                      seq_lens: Sequence[int] = (), sizes: Sequence[int] = (),
+                      seq_len: int | None = None, n_examples: int | None = None,
+                      comparison: GradientComparison | None = None, **kwargs) -> Panel:
+    """Pick k and a precision: accumulated vs single-batch gradient, each against fp64.
 
-    def compute(k, precision):
-        (record,) = compare_gradients(model, examples, ks=(k,), precisions=(precision,),
-                                      task=task, normalization=normalization,
-                                      pad_token_id=pad_token_id, device=device)
-        return record
+    When `examples` is a function ``(seq_len, n_examples) -> examples``, two more sliders pick
+    the sequence length (`seq_lens`) and the number of examples (`sizes`). Each set of
+    examples gets one `GradientComparison`, so its float64 reference and single-batch
+    gradients are computed once; `comparison` is the one of the starting examples (a lesson
+    passes the one that made its table). The status line counts the gradients being computed.
+    """
+    make = examples if callable(examples) else None
+    if make is not None:
+        seq_len = seq_len if seq_len is not None else seq_lens[0]
+        n_examples = n_examples if n_examples is not None else sizes[-1]
+        start = (seq_len, n_examples)
+    else:
+        start = (None, len(examples))
+        ks = [k_ for k_ in ks if k_ <= len(examples)]
+    controls = {}
+    if make is not None:
+        controls["seq_len"] = slider("sequence length s (tokens)", seq_lens, seq_len)
+        controls["n_examples"] = slider("sequences in the batch", sizes, n_examples)
+    controls["k"] = slider("accumulation steps k", ks,
+                           k if k is not None else ks[min(2, len(ks) - 1)])
+    controls["precision"] = dropdown("precision", precisions,
+                                     precision if precision is not None else precisions[0])
+    comparisons = {start: comparison} if comparison is not None else {}
+    panel = None
+
+    def progress(message):
+        panel.status.value = f"<i>running… {html.escape(message)}</i>"
+
+    def compute(k, precision, seq_len=None, n_examples=None):
+        key = (seq_len, n_examples) if make is not None else start
+        if key not in comparisons:
+            data = make(*key) if make is not None else examples
+            comparisons[key] = GradientComparison(model, data, task=task,
+                                                  normalization=normalization,
+                                                  pad_token_id=pad_token_id, device=device)
+            while len(comparisons) > 3:  # keep the gradients of the last few settings only
+                comparisons.pop(next(iter(comparisons)))
+        comparisons[key] = comparisons.pop(key)  # most recently used last
+        comp = comparisons[key]
+        record = comp.record(precision, k, progress=progress)
+        return {**record, "seq_len": seq_len, "items": comp.items}
 
     def describe(r):
         if r["single_vs_fp64"] == 0:
             verdict = "fp64 is the reference itself: what remains is float64 rounding."
-        elif r["vs_single"] <= r["single_vs_fp64"]:
-            verdict = "Accumulation's own error is no larger than the precision's."
         else:
-            verdict = "Accumulation's own error is larger than the precision's."
-        return (f"k = {r['k']}, {r['precision']}: accumulated vs single batch "
-                f"<b>{sci(r['vs_single'])}</b>; single batch vs fp64 "
-                f"<b>{sci(r['single_vs_fp64'])}</b>; accumulated vs fp64 "
+            verdict = (f"Accumulation's own error is {r['vs_single'] / r['single_vs_fp64']:.2f}× "
+                       f"the precision's.")
+        size = (f"{r['examples']} sequences of at most {r['seq_len']} tokens "
+                if r["seq_len"] is not None else f"{r['examples']} examples ")
+        return (f"{size}(N = {r['items']} loss items), k = {r['k']}, {r['precision']}: "
+                f"accumulated vs single batch <b>{sci(r['vs_single'])}</b>; single batch vs "
+                f"fp64 <b>{sci(r['single_vs_fp64'])}</b>; accumulated vs fp64 "
                 f"{sci(r['vs_fp64'])}. {verdict}")
 
     def render(r):
+        p = r["precision"]
+        size = f"s = {r['seq_len']}, " if r["seq_len"] is not None else ""
         return viz.comparison_bars(
-            {"accumulated vs single": r["vs_single"],
-             f"single ({r['precision']}) vs fp64": r["single_vs_fp64"],
-             "accumulated vs fp64": r["vs_fp64"]},
-            title=f"k = {r['k']}, {r['precision']}")
+            {f"{p}: accumulated vs single": r["vs_single"],
+             f"{p}: single vs fp64": r["single_vs_fp64"],
+             f"{p}: accumulated vs fp64": r["vs_fp64"]},
+            title=f"{size}{r['examples']} examples, k = {r['k']}, {p}", log=False)
 
-    return Panel(controls, compute, describe, render, **kwargs)
+    run = kwargs.pop("run", True)
+    panel = Panel(controls, compute, describe, render, run=False, **kwargs)
+    if run:
+        panel.refresh()
+    return panel
 
 
 __all__ = [
