@@ -11,8 +11,9 @@ from collections.abc import Mapping
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-_LAYOUT = dict(template="plotly_white", height=400, margin=dict(l=60, r=20, t=70, b=50),
-               legend=dict(orientation="h", yanchor="bottom", y=1.08, x=0))
+from accumlab.ui.viz import TEMPLATE
+
+_LAYOUT = dict(template=TEMPLATE, height=420)
 ACCUMULATED, ONE_BATCH, PREDICTED = "#1f77b4", "#ff7f0e", "black"
 
 
