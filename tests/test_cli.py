@@ -135,6 +135,12 @@ def test_user_errors_are_one_line_with_exit_code_2(capsys, monkeypatch, bad_inpu
     assert (bad_inputs / "model.bin").read_text() == "a file that must not be overwritten"
 
 
+def test_a_diverged_run_is_one_line_with_exit_code_1(capsys):
+    assert main(["train", "--max-steps", "4", "--limit", "32", "--micro-batch-size", "4",
+                 "--lr", "1e30", "--no-progress"]) == 1
+    assert "lower the learning rate" in _one_error_line(capsys, "train").lower()
+
+
 def test_no_progress_hides_every_progress_bar():
     # A fresh interpreter without the test suite's HF_HUB_DISABLE_PROGRESS_BARS, loading a
     # pretrained model (transformers draws a "Loading weights" bar for that; seen with

@@ -13,13 +13,18 @@ EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
 EXIT_CODES = """exit codes (every subcommand):
   0  done, nothing to report
-  1  a finding: `check` found a bug in your loop
+  1  a finding: `check` found a bug in your loop, or a run stopped on its own (a non-finite
+     loss or gradient, out of memory, a damaged checkpoint, a stalled rank): one line says why
   2  a usage error: a bad option, file or setting (one line on stderr says what to change)
   3  an unexpected error (a traceback follows; set ACCUMLAB_DEBUG=1 to see one for any error)"""
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line and exit code 2, never a traceback."""
+
+
+class RunStopped(Exception):
+    """A run that stopped for a reason the engine explains: one line and exit code 1."""
 
 
 class Formatter(argparse.HelpFormatter):

@@ -13,7 +13,15 @@ import traceback
 
 from accumlab import __version__
 from accumlab.cli import compare, demo, plan, train
-from accumlab.cli.args import EXIT_CODES, EXIT_USAGE, Parser, UsageError, one_line
+from accumlab.cli.args import (
+    EXIT_CODES,
+    EXIT_FINDING,
+    EXIT_USAGE,
+    Parser,
+    RunStopped,
+    UsageError,
+    one_line,
+)
 from accumlab.cli.options import config_from_args
 
 # what a user can get wrong: one line and exit code 2, no traceback
@@ -78,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except (RunStopped, *USER_ERRORS) as e:
         if os.environ.get("ACCUMLAB_DEBUG"):
             raise
         print(f"accumlab {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FINDING if isinstance(e, RunStopped) else EXIT_USAGE
     except Exception:
         traceback.print_exc()
         return 3

@@ -8,7 +8,7 @@ import os
 import statistics
 from pathlib import Path
 
-from accumlab.cli.args import EXIT_OK, UsageError, fraction, positive_int
+from accumlab.cli.args import EXIT_OK, RunStopped, UsageError, fraction, positive_int
 from accumlab.cli.options import add_config_flags, config_from_args
 
 MODEL_SIZES = ("tiny", "mini", "small", "medium", "gpt2-small")  # engine.models.SIZES
@@ -91,12 +91,24 @@ def cmd_train(args) -> int:
         _check_ids(train_data, model.get_input_embeddings().num_embeddings, args.data)
     if cfg.eval_every is None:
         eval_data = eval_data if args.eval_at_end else None
-    result = train(model, train_data, cfg, eval_data=eval_data)
+    try:
+        result = train(model, train_data, cfg, eval_data=eval_data)
+    except (FloatingPointError, torch.OutOfMemoryError, *_engine_failures()) as e:
+        raise RunStopped(str(e)) from e
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
     print(summary_table(result))
     return EXIT_OK
+
+
+def _engine_failures() -> tuple[type[Exception], ...]:
+    """The engine's own errors for a run that cannot go on (their messages say why)."""
+    from accumlab.engine import checkpoint, distributed
+
+    return tuple(getattr(m, name) for m, name in ((checkpoint, "CheckpointError"),
+                                                   (distributed, "CollectiveError"))
+                 if hasattr(m, name))
 
 
 def _check_paths(args) -> None:
