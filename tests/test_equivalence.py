@@ -13,7 +13,12 @@ from accumlab.engine.collate import pad_collate
 from accumlab.engine.losses import mean_loss
 from accumlab.engine.models import make_model
 from accumlab.engine.window import accumulate_gradients
-from accumlab.lab.equivalence import compare_gradients, split_evenly, window_gradient
+from accumlab.lab.equivalence import (
+    GradientComparison,
+    compare_gradients,
+    split_evenly,
+    window_gradient,
+)
 
 KS = (1, 2, 4, 8)
 
@@ -141,6 +146,29 @@ def test_compare_gradients_table():
     # the caller's model is untouched (float32, no gradients)
     assert next(model.parameters()).dtype == torch.float32
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_comparison_keeps_the_reference_and_single_batches():
+    """What the lesson 03 panel relies on: records equal compare_gradients', and a new k
+    costs one window gradient once the reference and the single batch are known."""
+    model = make_model("gpt2", "tiny", seed=0)
+    data = random_lm_data(8, seed=11, max_len=12)
+    comparison = GradientComparison(model, data, pad_token_id=1)
+    assert comparison.pending("fp32", 2) == 3
+    messages = []
+    first = comparison.record("fp32", 2, progress=messages.append)
+    assert [m.split(":")[0] for m in messages] == [
+        "gradient 1 of 3", "gradient 2 of 3", "gradient 3 of 3"]
+    assert "float64" in messages[0] and "fp32" in messages[1]
+    assert comparison.pending("fp32", 4) == 1 and comparison.pending("fp32", 2) == 0
+    assert comparison.pending("bf16", 4) == 2
+    messages.clear()
+    comparison.record("fp32", 4, progress=messages.append)
+    assert messages == ["gradient 1 of 1: 4 accumulated micro-batches in fp32"]
+    expected = compare_gradients(model, data, ks=(2, 4), precisions=("fp32",), pad_token_id=1)
+    assert [first, comparison.records[("fp32", 4)]] == expected  # deterministic on a CPU
+    comparison.forget("fp32")
+    assert comparison.pending("fp32", 8) == 2 and comparison.pending("fp32", 4) == 0
 
 
 def test_gradients_accumulate_in_float32_under_bf16_autocast():

@@ -18,6 +18,7 @@ from accumlab import compare_gradients
 from accumlab.engine.models import make_model
 from accumlab.lab import memory
 from accumlab.lab.equivalence import GradientComparison
+from accumlab.lab.planner import plan_training
 from accumlab.ui import viz, widgets
 
 GIB = memory.GIB
@@ -89,22 +90,31 @@ def test_sliders_leave_their_track_room_beside_the_description():
         assert s.style.description_width == "initial"
 
 
-def test_memory_panel_follows_its_controls(figure_mode):
+def test_memory_panel_predicts_with_the_validated_model_and_plans(figure_mode):
     panel = widgets.memory_panel(size="gpt2-small", micro_batch=8, seq_len=1024,
                                  precision="bf16", attention="eager", gpu_gib=80)
     shape = memory.ModelShape.gpt2("gpt2-small")
-    assert panel.result["chosen"] == memory.estimate_memory(shape, 8, 1024, "bf16")
+    assert panel.result["chosen"] == memory.predict_memory(shape, 8, 1024, "bf16",
+                                                           attention="eager")
     assert panel.result["fits"] and "fits in 80 GiB" in panel.readout.value
-    assert panel.result["largest_fit"] == memory.largest_micro_batch(shape, 1024, 80 * GIB)
+    plan = plan_training(80 * GIB, shape, 1024, 256 * 1024, "bf16", attention="eager",
+                         checkpointing="off")
+    assert (panel.result["plan"].micro_batch, panel.result["plan"].accum_steps) == \
+        (plan.micro_batch, plan.accum_steps)
+    assert f"micro-batch <b>{plan.micro_batch}</b>" in panel.readout.value
     panel.controls["micro_batch"].value = 64
     assert not panel.result["fits"] and "does not fit" in panel.readout.value
     bars = {t.name: t for t in panel.view.figure.data}
     expected = [r["activations"] / GIB for r in panel.result["sweep"]]
     assert list(bars["activations"].y) == pytest.approx(expected)
-    panel.controls["attention"].value = "fused"
-    assert panel.result["chosen"]["activations"] < memory.activation_bytes(shape, 64, 1024)
+    eager = panel.result["chosen"]["activations"]
+    panel.controls["attention"].value = "sdpa"
+    assert panel.result["chosen"]["activations"] < eager
+    panel.controls["gpu_gib"].value = 8
+    panel.controls["seq_len"].value = 4096
+    assert panel.result["plan"] is None and "Planner:" in panel.readout.value
     panel.controls["size"].value = "tiny"
-    assert panel.result["parameters"] == memory.ModelShape.gpt2("tiny", positions=1024).parameters
+    assert panel.result["parameters"] == memory.ModelShape.gpt2("tiny", positions=4096).parameters
     assert all(not s.continuous_update for s in _sliders(panel))
 
 
@@ -164,8 +174,7 @@ def test_equivalence_panel_varies_length_and_size_and_reuses_gradients(tiny_gpt2
                                       k=2, precision="fp32", pad_token_id=1,
                                       seq_lens=(6, 12), sizes=(4, 8), seq_len=12,
                                       n_examples=8, comparison=table)
-    assert panel.result is table.records[("fp32", 2)] or panel.result["vs_single"] == \
-        table.records[("fp32", 2)]["vs_single"]
+    assert panel.result["vs_single"] == table.records[("fp32", 2)]["vs_single"]
     assert made == [(12, 8)]  # the table's examples were reused, not made again
     seen = []
     panel.status.observe(lambda change: seen.append(change["new"]), names="value")
@@ -184,11 +193,11 @@ def test_equivalence_panel_varies_length_and_size_and_reuses_gradients(tiny_gpt2
         "<i>running… gradient 1 of 1: 4 accumulated micro-batches in fp32</i>"]
     panel.controls["n_examples"].value = 4
     assert panel.result["examples"] == 4 and panel.result["k"] == 4
-    panel.controls["k"].value = 1
-    panel.controls["seq_len"].value = 12
-    panel.controls["n_examples"].value = 8  # back to the table's examples: no new examples
-    assert made.count((12, 8)) == 2  # once for the table, once for the check above
-    assert "s = 12, 8 examples, k = 1, fp32" in panel.view.figure.layout.title.text
+    calls, seen[:] = len(made), []
+    panel.controls["n_examples"].value = 8  # back to settings already computed: nothing new
+    assert len(made) == calls and not [m for m in seen if "gradient" in m]
+    assert panel.result["examples"] == 8 and panel.result["seq_len"] == 6
+    assert "s = 6, 8 examples, k = 4, fp32" in panel.view.figure.layout.title.text
 
 
 def test_partition_panel_windows_and_policies(figure_mode, tiny_gpt2):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,6 +51,76 @@ def window_gradient(
     return gradient_vector(net)
 
 
+class GradientComparison:
+    """Accumulated vs single-batch gradients of one set of examples, one (precision, k) at a time.
+
+    The float64 single-batch reference and each precision's single-batch gradient are computed
+    once and kept, so after the first record a new k costs one window gradient and a new
+    precision two. `record` returns what `compare_gradients` returns for that pair; `records`
+    keeps every record made so far by (precision, k). Call `forget(precision)` to free a kept
+    single-batch gradient. `items` is N, the loss-bearing items (tokens or examples) of the batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, examples: Sequence[dict], *,
+                 task: str | None = None, normalization: str = "tokens",
+                 pad_token_id: int | None = None, device: str | torch.device = "cpu"):
+        self.model = model
+        self.examples = list(examples)
+        task = task or detect_task(model)
+        if pad_token_id is None:
+            pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+        self._common = dict(task=task, normalization=normalization, pad_token_id=pad_token_id,
+                            device=device)
+        self.items = count_items(pad_collate(self.examples, pad_token_id)["labels"], task)
+        self._reference: torch.Tensor | None = None
+        self._singles: dict[str, tuple[torch.Tensor, float]] = {}  # gradient, error vs fp64
+        self.records: dict[tuple[str, int], dict] = {}
+
+    def pending(self, precision: str, k: int) -> int:
+        """How many window gradients `record(precision, k)` still has to compute (0 to 3)."""
+        if (precision, k) in self.records:
+            return 0
+        return 1 + (self._reference is None) + (precision not in self._singles)
+
+    def record(self, precision: str, k: int,
+               progress: Callable[[str], None] | None = None) -> dict:
+        """The record of k accumulated micro-batches in `precision` (see `compare_gradients`);
+        `progress(message)` is called before each gradient that has to be computed."""
+        if (precision, k) in self.records:
+            return self.records[(precision, k)]
+        todo, done = self.pending(precision, k), 0
+
+        def gradient(what, micro_batches, prec):
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(f"gradient {done} of {todo}: {what}")
+            return window_gradient(self.model, self.examples, micro_batches, precision=prec,
+                                   **self._common)
+
+        if self._reference is None:
+            self._reference = gradient("the float64 single batch (the reference)", 1, "fp64")
+        if precision not in self._singles:
+            single = gradient(f"the single batch in {precision}", 1, precision)
+            self._singles[precision] = single, relative_difference(single, self._reference)
+        single, single_error = self._singles[precision]
+        accumulated = gradient(f"{k} accumulated micro-batches in {precision}", k, precision)
+        record = {
+            "precision": precision,
+            "k": k,
+            "examples": len(self.examples),
+            "vs_single": relative_difference(accumulated, single),
+            "vs_fp64": relative_difference(accumulated, self._reference),
+            "single_vs_fp64": single_error,
+        }
+        self.records[(precision, k)] = record
+        return record
+
+    def forget(self, precision: str) -> None:
+        """Free the kept single-batch gradient of `precision` (its records stay)."""
+        self._singles.pop(precision, None)
+
+
 def compare_gradients(
     model: torch.nn.Module,
     examples: Sequence[dict],
@@ -69,26 +139,12 @@ def compare_gradients(
     precision's own error): accumulation is harmless when `vs_single` is no larger than
     `single_vs_fp64`. Dropout should be off: masks differ between micro-batches and one batch.
     """
-    task = task or detect_task(model)
-    if pad_token_id is None:
-        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
-    common = dict(task=task, normalization=normalization, pad_token_id=pad_token_id,
-                  device=device)
-    reference = window_gradient(model, examples, 1, precision="fp64", **common)
+    comparison = GradientComparison(model, examples, task=task, normalization=normalization,
+                                     pad_token_id=pad_token_id, device=device)
     records = []
     for precision in precisions:
-        single = window_gradient(model, examples, 1, precision=precision, **common)
-        single_err = relative_difference(single, reference)
-        for k in ks:
-            accumulated = window_gradient(model, examples, k, precision=precision, **common)
-            records.append({
-                "precision": precision,
-                "k": k,
-                "examples": len(examples),
-                "vs_single": relative_difference(accumulated, single),
-                "vs_fp64": relative_difference(accumulated, reference),
-                "single_vs_fp64": single_err,
-            })
+        records += [comparison.record(precision, k) for k in ks]
+        comparison.forget(precision)
     return records
 
 

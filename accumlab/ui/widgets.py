@@ -21,6 +21,7 @@ import torch
 from accumlab.engine.models import SIZES
 from accumlab.lab import memory
 from accumlab.lab.equivalence import GradientComparison, window_report
+from accumlab.lab.planner import DEFAULT_HEADROOM, PlanError, plan_training
 from accumlab.ui import viz
 from accumlab.ui.panel import (
     FIGURE_MODES,
@@ -64,53 +65,71 @@ MEMORY_MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def memory_result(size: str, micro_batch: int, seq_len: int, precision: str, attention: str,
-                  gpu_gib: float) -> dict:
-    """The memory panel's data: a sweep over micro-batches and the largest one that fits."""
+                  gpu_gib: float, target_batch: int = 256) -> dict:
+    """The memory panel's data: the validated prediction (`memory.predict_memory`, what
+    `accumlab plan` uses) for every micro-batch, and the planner's split of `target_batch`
+    sequences into micro-batch x accumulation steps on this GPU (`planner.plan_training`)."""
     default = memory.ModelShape.gpt2(size)
     shape = memory.ModelShape.gpt2(size, positions=max(default.positions, seq_len))
     sizes = sorted(set(MEMORY_MICRO_BATCHES) | {micro_batch})
-    sweep = memory.memory_sweep(shape, sizes, seq_len, precision, attention=attention)
+    sweep = [memory.predict_memory(shape, b, seq_len, precision, attention=attention)
+             for b in sizes]
     chosen = next(r for r in sweep if r["micro_batch"] == micro_batch)
-    largest = memory.largest_micro_batch(shape, seq_len, gpu_gib * memory.GIB, precision,
-                                         attention=attention)
+    try:
+        plan, plan_error = plan_training(int(gpu_gib * memory.GIB), shape, seq_len,
+                                         target_batch * seq_len, precision,
+                                         attention=attention, checkpointing="off"), None
+    except PlanError as e:
+        plan, plan_error = None, str(e)
     return {"size": size, "shape": shape.to_dict(), "parameters": shape.parameters,
-            "sweep": sweep, "chosen": chosen, "gpu_gib": gpu_gib, "largest_fit": largest,
+            "sweep": sweep, "chosen": chosen, "gpu_gib": gpu_gib, "plan": plan,
+            "plan_error": plan_error, "target_batch": target_batch,
             "fits": memory.fits(chosen["total"], gpu_gib)}
 
 
 def memory_panel(size: str = "gpt2-small", micro_batch: int = 8, seq_len: int = 1024,
-                 precision: str = "bf16", attention: str = "fused", gpu_gib: float = 80,
-                 **kwargs) -> Panel:
-    """Model size, micro-batch, sequence length and precision -> the memory formula's count.
-
-    The count is `memory.estimate_memory`, the textbook lower bound; measure to plan.
-    """
+                 precision: str = "bf16", attention: str = "sdpa", gpu_gib: float = 80,
+                 target_batch: int = 256, **kwargs) -> Panel:
+    """Model size, micro-batch, sequence length, precision, attention and GPU -> the
+    predicted peak of one training step (`memory.predict_memory`, validated against measured
+    peaks) and the planner's micro-batch x accumulation steps for `target_batch` sequences."""
     controls = {
         "size": dropdown("model", MEMORY_SIZES, size),
         "micro_batch": slider("micro-batch", MEMORY_MICRO_BATCHES, micro_batch),
         "seq_len": slider("sequence length", (128, 256, 512, 1024, 2048, 4096), seq_len),
-        "precision": dropdown("precision", ("fp32", "bf16", "fp16", "fp64"), precision),
-        "attention": dropdown("attention", ("eager", "fused"), attention),
+        "precision": dropdown("precision", ("bf16", "fp16", "fp32", "fp64"), precision),
+        "attention": dropdown("attention", ("sdpa", "eager"), attention),
         "gpu_gib": dropdown("GPU memory (GiB)", (8, 16, 24, 40, 80, 141), gpu_gib),
     }
+
+    def compute(**values):
+        return memory_result(target_batch=target_batch, **values)
 
     def describe(r):
         c = r["chosen"]
         g = memory.gib
         states = c["weights"] + c["gradients"] + c["optimizer"] + c["weight_copies"]
         verdict = ("fits" if r["fits"] else "<b style='color:#b00'>does not fit</b>")
+        if r["plan"] is not None:
+            p = r["plan"]
+            plan = (f"For {r['target_batch']} sequences per optimizer step the planner "
+                    f"chooses micro-batch <b>{p.micro_batch}</b> × <b>{p.accum_steps}</b> "
+                    f"accumulation steps (predicted {g(p.predicted['total']):.1f} GiB, keeping "
+                    f"{DEFAULT_HEADROOM:.0%} of the GPU free).")
+        else:
+            plan = f"Planner: {html.escape(r['plan_error'])}"
         return (f"{r['size']} ({r['parameters'] / 1e6:.1f}M parameters), micro-batch "
-                f"{c['micro_batch']} × {c['seq_len']} tokens, {c['precision']}: the formula "
-                f"counts <b>{g(c['total']):.1f} GiB</b> (model states {g(states):.2f}, "
-                f"activations {g(c['activations']):.2f}, logits {g(c['logits']):.2f} GiB), a "
-                f"lower bound of the real peak; {verdict} in {r['gpu_gib']:g} GiB by this count. "
-                f"Largest micro-batch that fits by this count: <b>{r['largest_fit']}</b>.")
+                f"{c['micro_batch']} × {c['seq_len']} tokens, {c['precision']}: predicted peak "
+                f"<b>{g(c['total']):.1f} GiB</b> (model states {g(states):.2f}, activations "
+                f"{g(c['activations']):.2f}, logits {g(c['logits']):.2f} GiB; the peak is in "
+                f"the {c['phase']}); {verdict} in {r['gpu_gib']:g} GiB. {plan}")
 
     def render(r):
         return viz.memory_figure(r["sweep"], highlight=r["chosen"]["micro_batch"],
-                                 budget_gib=r["gpu_gib"])
+                                 budget_gib=r["gpu_gib"],
+                                 title="predicted peak of one training step")
 
-    return Panel(controls, memory_result, describe, render, **kwargs)
+    return Panel(controls, compute, describe, render, **kwargs)
 
 
 # ---------------------------------------------------------------- 02: partitions and windows
