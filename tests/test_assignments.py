@@ -1,15 +1,29 @@
-"""The graded assignments: otter assign works, solutions get full marks, wrong answers do not.
+"""The graded assignments: otter assign works, the student versions are current, and grading
+can be trusted: solutions get full marks, every classic wrong answer (tests/assignment_answers.py)
+gets exactly the points it should, a blank notebook gets 0, and answers that call accumlab's
+own implementation get nothing for that question.
 
-Runs without Docker: `otter assign` in-process, then `otter.api.grade_submission` (which
-executes a notebook in this environment) in parallel worker processes.
+Runs without Docker. The solutions (and one blank notebook) are graded by otter itself
+(`otter.api.grade_submission`: a fresh kernel per notebook, about 20-50 s each on a loaded
+2-core machine). The wrong answers and the blank notebooks are graded in-process by
+`grade_in_process`, which runs otter's own grading (grading mode, `Checker`, `GradingResults`)
+on cells executed in a fresh namespace: the imports are paid once, and each submission
+costs seconds. The in-process grader must agree with otter on the solutions and the blank
+notebook, question by question, or the test fails.
 """
 
+from __future__ import annotations
+
 import concurrent.futures
+import contextlib
 import glob
+import io
 import json
+import linecache
 import multiprocessing
 import os
-import shutil
+import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -17,37 +31,84 @@ import pytest
 otter = pytest.importorskip("otter", reason="otter-grader is in the dev extra")
 nbformat = pytest.importorskip("nbformat")
 
+from assignment_answers import WRONG  # noqa: E402 (tests/ is on the path)
+
 ROOT = Path(__file__).resolve().parents[1] / "notebooks" / "assignments"
-ASSIGNMENTS = ("a1_window", "a2_token_loss", "a3_plan")
-
-# Every solution is graded; one wrong submission by default (ACCUMLAB_FULL_GRADING=1 grades a
-# wrong answer for every assignment). Each grading starts a kernel that imports torch and otter,
-# about 12-20 s of CPU, so the default keeps this file near a minute on 2 cores.
-WRONG_GRADED = ASSIGNMENTS if os.environ.get("ACCUMLAB_FULL_GRADING") == "1" else ("a1_window",)
-
-# A typical wrong answer per assignment: (text in the solution, its replacement, question hit).
-WRONG = {
-    "a1_window": ("share = mean * num_items(batch) / n_total",
-                  "share = mean / len(micro_batches)", "q1"),  # mean of means
-    "a2_token_loss": ("return int((labels[:, 1:] != IGNORE).sum())",
-                      "return int((labels != IGNORE).sum())", "q1"),  # forgets the shift
-    "a3_plan": ("lr = base_lr * math.sqrt(ratio)", "lr = base_lr * ratio", "q2"),  # Adam rule
-}
+ASSIGNMENTS = ("a1_window", "a2_token_loss", "a3_plan", "a4_data_parallel")
+REAL_BLANK = ("a1_window",)  # blank notebooks otter grades in a kernel (all are graded in-process)
 
 
-def _grade(notebook: str, zip_path: str) -> dict:
-    """Worker: grade one notebook; returns total, possible and per-question scores."""
+def with_answers(nb, answers: dict[str, str]):
+    """`nb` with the solution of each named function replaced by the given body."""
+    for function, body in answers.items():
+        cells = [c for c in nb.cells if c.cell_type == "code" and f"def {function}(" in c.source
+                 and "# BEGIN SOLUTION" in c.source]
+        assert len(cells) == 1, f"no single solution cell defines {function}"
+        head, rest = cells[0].source.split("# BEGIN SOLUTION", 1)
+        indent = head.rsplit("\n", 1)[1]
+        tail = rest.split("# END SOLUTION", 1)[1]
+        cells[0].source = (head.rstrip(" ")
+                           + textwrap.indent(textwrap.dedent(body).strip("\n"), indent) + tail)
+    return nb
+
+
+def grade_in_process(notebook: str, tests_dir: str) -> dict:
+    """Grade like `otter run`, without a kernel: otter's grading mode (`grader.check` runs every
+    test, hidden ones included, where the notebook calls it), the code cells executed in a fresh
+    namespace, errors ignored, cells tagged `otter_ignore` skipped, then the tests not run yet."""
+    from otter.execute import Checker
+    from otter.test_files import GradingResults
+
+    nb = nbformat.read(notebook, 4)
+    namespace = {"__name__": "__main__"}
+    cwd = os.getcwd()
+    otter.Notebook.init_grading_mode(tests_dir)
+    try:
+        os.chdir(os.path.dirname(notebook))
+        cells = [c for c in nb.cells if c.cell_type == "code"
+                 and "otter_ignore" not in c.metadata.get("tags", [])]
+        for i, cell in enumerate(cells):
+            name = f"<{Path(notebook).name} cell {i}>"  # a source for inspect, as IPython keeps
+            linecache.cache[name] = (len(cell.source), None, cell.source.splitlines(True), name)
+            with contextlib.redirect_stdout(io.StringIO()), \
+                    contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    exec(compile(cell.source, name, "exec"), namespace)
+                except Exception:
+                    pass  # otter executes with allow_errors
+        for path in sorted(glob.glob(os.path.join(tests_dir, "*.py"))):
+            Checker.check_if_not_already_checked(path, global_env=namespace)
+        results = GradingResults(Checker.get_results())
+    finally:
+        os.chdir(cwd)
+        otter.Notebook._grading_mode = False
+        otter.Notebook._tests_dir_override = None
+        Checker.disable_tracking()
+        Checker.clear_results()
+    return _scores(results)
+
+
+def _scores(results) -> dict:
+    return {"total": results.total, "possible": results.possible,
+            "scores": {q: results.get_score(q) for q in sorted(results.results)}}
+
+
+def _grade_with_otter(notebook: str, zip_path: str) -> dict:
+    """Worker: otter grades one notebook in a fresh kernel."""
     import otter.api
 
     os.chdir(os.path.dirname(notebook))
-    result = otter.api.grade_submission(notebook, zip_path, quiet=True)
-    return {"total": result.total, "possible": result.possible,
-            "scores": {q: result.get_score(q) for q in result.results}}
+    return _scores(otter.api.grade_submission(notebook, zip_path, quiet=True))
+
+
+def _grade_all_in_process(jobs: list[tuple[str, str, str]]) -> dict:
+    """Worker: grade (key, notebook, tests_dir) jobs in this process, one after another."""
+    return {key: grade_in_process(notebook, tests_dir) for key, notebook, tests_dir in jobs}
 
 
 @pytest.fixture(scope="module")
 def assigned(tmp_path_factory):
-    """otter assign for each master (tests are run below, not by assign)."""
+    """otter assign for each master (its tests are run below, not by assign)."""
     from otter.assign import main as assign
 
     out = {}
@@ -56,15 +117,48 @@ def assigned(tmp_path_factory):
         for name in ASSIGNMENTS:
             dist = tmp_path_factory.mktemp(name)
             os.chdir(dist)
-            assign(str(ROOT / name / f"{name}.ipynb"), str(dist / "dist"), no_run_tests=True)
+            with contextlib.redirect_stdout(io.StringIO()):
+                assign(str(ROOT / name / f"{name}.ipynb"), str(dist / "dist"),
+                       no_run_tests=True)
             out[name] = dist / "dist"
     finally:
         os.chdir(cwd)
     return out
 
 
-def _answers(nb) -> list[str]:
-    return [c.source for c in nb.cells if "otter_answer_cell" in c.metadata.get("tags", [])]
+@pytest.fixture(scope="module")
+def graded(assigned, tmp_path_factory):
+    """Every submission graded: {(assignment, variant): scores}, variants being "solution",
+    "blank", each wrong answer, and "solution (otter)" / "blank (otter)" from otter's kernel."""
+    real, in_process = {}, {}
+    for name, dist in assigned.items():
+        zip_path = glob.glob(str(dist / "autograder" / "*.zip"))[0]
+        solution = str(dist / "autograder" / f"{name}.ipynb")
+        blank = str(dist / "student" / f"{name}.ipynb")
+        real[(name, "solution (otter)")] = (solution, zip_path)
+        if name in REAL_BLANK:
+            real[(name, "blank (otter)")] = (blank, zip_path)
+        tests = str(dist / "autograder" / "tests")
+        jobs = [((name, "solution"), solution, tests), ((name, "blank"), blank, tests)]
+        for wrong, (answers, _) in WRONG[name].items():
+            folder = tmp_path_factory.mktemp(f"{name}-wrong")
+            path = folder / f"{name}.ipynb"
+            nbformat.write(with_answers(nbformat.read(solution, 4), answers), path)
+            jobs.append(((name, wrong), str(path), tests))
+        in_process[name] = jobs
+
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+        # in-process grading in two batches of about equal cost (each pays the imports once),
+        # first, so that the kernels' shorter jobs fill in after them
+        halves = [in_process["a1_window"] + in_process["a3_plan"],
+                  in_process["a2_token_loss"] + in_process["a4_data_parallel"]]
+        batches = [pool.submit(_grade_all_in_process, jobs) for jobs in halves]
+        futures = [pool.submit(_grade_with_otter, *args) for args in real.values()]
+        results = dict(zip(real, (f.result(timeout=900) for f in futures)))
+        for batch in batches:
+            results.update(batch.result(timeout=900))
+    return results
 
 
 def test_student_versions_are_current_and_hide_solutions(assigned):
@@ -73,44 +167,136 @@ def test_student_versions_are_current_and_hide_solutions(assigned):
         shipped = nbformat.read(ROOT / name / "student" / f"{name}.ipynb", 4)
         assert [c.source for c in fresh.cells] == [c.source for c in shipped.cells], (
             f"{name}: rerun `otter assign {name}.ipynb dist` and copy dist/student over student/")
-        assert all(a.rstrip().endswith("...") for a in _answers(shipped)), name
+        answers = [c.source for c in shipped.cells
+                   if "otter_answer_cell" in c.metadata.get("tags", [])]
+        assert answers and all(a.rstrip().endswith("...") for a in answers), name
         assert not any(c.get("outputs") for c in shipped.cells if c.cell_type == "code")
         public = sorted(p.name for p in (ROOT / name / "student" / "tests").glob("*.py"))
         assert public == sorted(p.name for p in (dist / "student" / "tests").glob("*.py"))
         for test_file in (ROOT / name / "student" / "tests").glob("*.py"):
             assert "'hidden': True" not in test_file.read_text(), test_file
+            assert test_file.read_text() == (dist / "student" / "tests" / test_file.name
+                                             ).read_text(), f"{name}: {test_file.name} is stale"
         meta = json.loads((dist / "autograder" / "otter_config.json").read_text())
         assert meta.get("runs_on", "colab") in ("colab", "default")
 
 
-def test_solutions_full_marks_wrong_answers_not(assigned, tmp_path):
-    jobs = {}
+def test_every_question_has_hidden_checks(assigned):
+    """Each question has public checks the student sees and hidden ones only grading runs."""
     for name, dist in assigned.items():
-        zip_path = glob.glob(str(dist / "autograder" / "*.zip"))[0]
-        jobs[(name, "solution")] = (str(dist / "autograder" / f"{name}.ipynb"), zip_path)
-        if name not in WRONG_GRADED:
-            continue
-        old, new, _ = WRONG[name]
-        nb = nbformat.read(dist / "autograder" / f"{name}.ipynb", 4)
-        hits = [c for c in nb.cells if c.cell_type == "code" and old in c.source]
-        assert len(hits) == 1, f"{name}: the wrong-answer edit no longer applies"
-        hits[0].source = hits[0].source.replace(old, new)
-        wrong_dir = tmp_path / f"{name}-wrong"
-        wrong_dir.mkdir()
-        nbformat.write(nb, wrong_dir / f"{name}.ipynb")
-        shutil.copytree(dist / "autograder" / "tests", wrong_dir / "tests")
-        jobs[(name, "wrong")] = (str(wrong_dir / f"{name}.ipynb"), zip_path)
+        for test_file in sorted((dist / "autograder" / "tests").glob("*.py")):
+            spec: dict = {}
+            exec(test_file.read_text(), spec)
+            cases = spec["test"]["suites"][0]["cases"]
+            hidden = [c["hidden"] for c in cases]
+            assert any(hidden) and not all(hidden), (name, test_file.name, hidden)
+            assert all("_own(" in c["code"] for c in cases), (
+                f"{name} {test_file.name}: every case must start with the own-work check")
 
-    ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
-        futures = {key: pool.submit(_grade, *args) for key, args in jobs.items()}
-        results = {key: f.result(timeout=300) for key, f in futures.items()}
 
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_solution_full_marks_with_otter(graded, name):
+    result = graded[(name, "solution (otter)")]
+    assert result["possible"] > 0 and result["total"] == result["possible"], result
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_in_process_grading_agrees_with_otter(graded, name):
+    assert graded[(name, "solution")] == graded[(name, "solution (otter)")]
+    if name in REAL_BLANK:
+        assert graded[(name, "blank")] == graded[(name, "blank (otter)")]
+
+
+@pytest.mark.parametrize("name", ASSIGNMENTS)
+def test_blank_notebook_scores_zero(graded, name):
+    result = graded[(name, "blank")]
+    assert result["total"] == 0 and result["possible"] == graded[(name, "solution")]["possible"]
+    assert set(result["scores"]) == set(graded[(name, "solution")]["scores"]), result
+
+
+@pytest.mark.parametrize("name,wrong", [(n, w) for n in ASSIGNMENTS for w in WRONG[n]])
+def test_wrong_answer_loses_its_points(graded, name, wrong):
+    result = graded[(name, wrong)]
+    expected = WRONG[name][wrong][1]
+    assert result["scores"] == expected, (name, wrong, result["scores"], expected)
+    assert result["total"] < result["possible"], result
+
+
+def test_at_least_three_wrong_answers_and_a_library_import_each():
     for name in ASSIGNMENTS:
-        good = results[(name, "solution")]
-        assert good["possible"] > 0 and good["total"] == good["possible"], (name, good)
-    for name in WRONG_GRADED:
-        good, bad = results[(name, "solution")], results[(name, "wrong")]
-        assert bad["total"] < bad["possible"], (name, bad)
-        question = WRONG[name][2]
-        assert bad["scores"][question] < good["scores"][question], (name, bad)
+        assert len(WRONG[name]) >= 3 and "library import" in WRONG[name], name
+
+
+# The own-work check itself, on functions defined the way a notebook cell defines them.
+
+def _cell(source: str, **names) -> dict:
+    """Execute `source` as a notebook cell (with a source inspect can read); its namespace."""
+    filename = f"<cell {abs(hash(source))}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace = {"__name__": "__main__", **names}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace
+
+
+OWN = "def answer(model, batches):\n    total = 0.0\n    for b in batches:\n        total += helper(b)\n    return total\n\ndef helper(b):\n    return float(len(b))\n"
+CHEATS = {
+    "direct": "from accumlab.engine.window import accumulate_gradients\n"
+              "def answer(model, batches):\n"
+              "    return accumulate_gradients(model, batches, task='causal_lm')\n",
+    "alias in another cell": "import accumlab.engine.window as w\nf = w.accumulate_gradients\n"
+                             "def answer(model, batches):\n    return f(model, batches)\n",
+    "import inside": "def answer(model, batches):\n    from accumlab.engine import window\n"
+                     "    return window.accumulate_gradients(model, batches, task='causal_lm')\n",
+    "helper": "import accumlab.engine.losses as L\ndef _h(x):\n    return L.summed_loss(x, x, 'causal_lm')\n"
+              "def answer(model, batches):\n    return _h(batches)\n",
+    "default argument": "from accumlab.engine.window import accumulate_gradients\n"
+                        "def answer(model, batches, f=accumulate_gradients):\n    return f(model, batches)\n",
+    "closure": "from accumlab.engine.window import accumulate_gradients\n"
+               "def make(f=accumulate_gradients):\n    def answer(model, batches):\n"
+               "        return f(model, batches)\n    return answer\nanswer = make()\n",
+    "container": "from accumlab.engine.window import accumulate_gradients\nTOOLS = [accumulate_gradients]\n"
+                 "def answer(model, batches):\n    return TOOLS[0](model, batches)\n",
+    "the library function itself": "from accumlab.engine.window import accumulate_gradients as answer\n",
+    "rebinds an allowed name": "from accumlab.engine.window import accumulate_gradients as num_items\n"
+                               "def answer(model, batches):\n    return num_items(model, batches)\n",
+    "a module of the student's": "import types\nfrom accumlab.engine.window import accumulate_gradients\n"
+                                 "mine = types.ModuleType('mine')\nmine.f = accumulate_gradients\n"
+                                 "def answer(model, batches):\n    return mine.f(model, batches)\n",
+    "frame of the test": "def answer(model, batches):\n    try:\n        raise ValueError\n"
+                         "    except ValueError as e:\n"
+                         "        return e.__traceback__.tb_frame.f_back.f_globals['_reference']\n",
+    "getattr": "import accumlab\ndef answer(model, batches):\n    return getattr(accumlab, 'train')\n",
+}
+
+
+def test_own_work_check_passes_own_code_and_allowed_helpers():
+    from accumlab.doctor import num_items
+    from accumlab.doctor.grading import own_work_problems
+
+    namespace = _cell(OWN.replace("float(len(b))", "float(num_items(b))"), num_items=num_items)
+    assert own_work_problems(namespace["answer"], allowed=[num_items]) == []
+    # a library helper the notebook does not hand out is refused, also inside a helper
+    assert own_work_problems(namespace["answer"]), "num_items is not allowed unless listed"
+    # answers of other questions are checked by their own questions
+    assert own_work_problems(namespace["answer"], skip=["helper"]) == []
+
+
+@pytest.mark.parametrize("cheat", sorted(CHEATS))
+def test_own_work_check_catches(cheat):
+    from accumlab.doctor import num_items
+    from accumlab.doctor.grading import assert_own_work
+
+    namespace = _cell(CHEATS[cheat])
+    with pytest.raises(AssertionError, match="must be your own code") as info:
+        assert_own_work(namespace["answer"], allowed=[num_items])
+    assert "accumlab" in str(info.value) or "introspection" in str(info.value)
+
+
+def test_substitute_restores_the_notebook_namespace():
+    from accumlab.doctor.grading import substitute
+
+    namespace = _cell("def helper():\n    return 'yours'\ndef answer():\n    return helper()\n")
+    with substitute(namespace["answer"], helper=lambda: "correct", extra=1):
+        assert namespace["answer"]() == "correct"
+    assert namespace["answer"]() == "yours" and "extra" not in namespace
+    assert isinstance(namespace["answer"], types.FunctionType)
