@@ -51,7 +51,7 @@ class CheckResult:
 
     def __str__(self) -> str:
         head = (f"check_loop({self.name}): k={self.accum_steps}, tiny GPT-2 in {self.precision}, "
-                f"SGD lr=1, probes: {', '.join(self.probes)}")
+                f"SGD lr=1, probes: {', '.join(self.probes) or 'none finished'}")
         if self.ok:
             lines = [head, "correct: every probe matches the exact window update."]
         else:
