@@ -4,8 +4,10 @@
     python benchmarks/notebook_resources.py 03 07                # only these (name prefixes)
     python benchmarks/notebook_resources.py --ci                 # at CI sizes (ACCUMLAB_CI=1)
 
-Each notebook runs in a fresh kernel through nbclient at its defaults (no cell timeout, the
-notebook's own parameters; ACCUMLAB_CI is removed from the kernel's environment unless --ci).
+Each notebook runs in a fresh kernel through nbclient with the notebook's own default parameters
+(ACCUMLAB_CI is removed from the kernel's environment unless --ci). A cell that runs longer than
+--timeout seconds (default 900) is reported as an error, so that one stuck kernel cannot hold up
+the whole run (once, under heavy load, a run waited on an idle kernel for 9 minutes).
 For each it reports:
 
 - wall s: from starting the kernel to the end of the last cell (what a learner waits for);
@@ -154,8 +156,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ci", action="store_true", help="run at CI sizes (ACCUMLAB_CI=1)")
     parser.add_argument("--interval", type=float, default=0.2,
                         help="seconds between samples of the kernel tree (default 0.2)")
-    parser.add_argument("--timeout", type=int, default=None,
-                        help="seconds a cell may run (default: no limit, nbclient's default)")
+    parser.add_argument("--timeout", type=int, default=900,
+                        help="seconds a cell may run before it counts as failed (default 900)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write JSON")
     args = parser.parse_args(argv)
 
