@@ -14,7 +14,7 @@ GIB = 2**30
 
 
 def test_core_imports_neither_plotly_nor_ipywidgets():
-    probe = ("import sys, accumlab, accumlab.lab.memory; "
+    probe = ("import sys, accumlab, accumlab.lab.memory; accumlab.train; "
              "print(sorted(m for m in ('plotly', 'ipywidgets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True)
