@@ -60,6 +60,24 @@ assert not heavy, heavy
     assert "exit codes" in run.stdout and "--schedule" in run.stdout
 
 
+def test_import_accumlab_is_lazy_and_keeps_its_public_face():
+    code = """
+import sys
+import accumlab
+assert "torch" not in sys.modules
+from accumlab import TrainConfig, check_loop, train
+assert accumlab.train is train and "torch" in sys.modules
+assert set(accumlab.__all__) <= set(dir(accumlab))
+accumlab.engine.checkpoint, accumlab.lab.equivalence.compare_gradients  # as before: loaded
+try:
+    accumlab.no_such_name
+except AttributeError:
+    print("ok")
+"""
+    run = _python(code)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
 def test_help_gives_meaning_default_and_allowed_values(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
