@@ -19,7 +19,9 @@ NUMBER = re.compile(r"(?<![\w.#/-])[-−]?(\d[\d,]*(?:\.\d+)?(?:[eE][-−+]?\d+)
 NAMING_WORDS = re.compile(
     r"(?:section|sections|lesson|lessons|notebook|notebooks|issue|issues|PR|pull request|Table|"
     r"Figure|Fig\.|chapter|Eq\.|equation|version|Python|torch|transformers|plotly|ipywidgets|"
-    r"JupyterLab|Colab|answer|question|item|items|step|line|lines|l\.)\s*$", re.IGNORECASE)
+    r"JupyterLab|Colab|answer|question|item|items|step|line|lines|l\.)"
+    r"\s*(?:[\d.]+(?:\s*,\s*|\s+and\s+|\s+or\s+))*$",  # also "lessons 01, 03 and 10"
+    re.IGNORECASE)
 REFERENCE = "measured elsewhere:"
 MAX_SAVED_BYTES = 2 * 1024 * 1024
 

@@ -296,7 +296,8 @@ def _notebook(*cells):
 
 def test_the_audit_finds_unprinted_numbers_and_respects_the_conventions():
     nb = _notebook("The error is 2.63e-7 and the ratio 1.60 (25% off); see section 4.3,\n"
-                   "notebook 02 and PR #35808, in 2024, with $12h^2$ and `lr=0.37`.",
+                   "notebook 02 and PR #35808, in 2024, with $12h^2$ and `lr=0.37`; lessons 11, 12\n"
+                   "and 13.",
                    "code:K = 16",
                    "Reference: 3.5 GiB, measured elsewhere: accumlab/lab/memory/shapes.py.\n\n"
                    "But 77.7 is ours.",

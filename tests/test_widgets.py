@@ -66,8 +66,11 @@ def test_figure_view_redraws_in_place_and_with_new_traces(figure_mode):
     if figure_mode == "widget":
         assert isinstance(view.widget, go.FigureWidget)
         assert [list(t.y) for t in view.widget.data] == [[1], [2]]
-    else:
+    else:  # the Output holds the figure itself: nothing is printed into the running cell
         assert isinstance(view.widget, W.Output)
+        (shown,) = view.widget.outputs
+        drawn = shown["data"]["application/vnd.plotly.v1+json"]["data"]
+        assert [list(t["y"]) for t in drawn] == [[1], [2]]
 
 
 def test_plan_panel_is_a_thin_call(figure_mode):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import html
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 
 import ipywidgets as W
 import plotly.graph_objects as go
-from IPython.display import clear_output, display
+import plotly.io as pio
 
 from accumlab.ui import viz
 
@@ -82,10 +83,12 @@ class FigureView:
             fw.layout = figure.layout
 
     def _draw_output(self) -> None:
-        with self.widget:
-            clear_output(wait=True)
-            if self.figure.data:
-                display(self.figure)
+        """Set the Output's contents directly (not by printing inside it), so that the figure
+        never lands in the output of the cell that moved a control, e.g. under nbval."""
+        renderer = pio.renderers["colab" if "google.colab" in sys.modules else "plotly_mimetype"]
+        bundle = renderer.to_mimebundle(self.figure.to_dict()) if self.figure.data else None
+        self.widget.outputs = (
+            ({"output_type": "display_data", "data": bundle, "metadata": {}},) if bundle else ())
 
 
 class Panel:
