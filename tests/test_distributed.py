@@ -63,3 +63,31 @@ def test_parallel_lab_counts_all_reduces_and_bytes_and_matches_one_process(tmp_p
     ref = parallel_lab.single_process(ranks=2, micro=2, accum_steps=2, steps=2)
     assert rel_diff(report["params"]["k2_no_sync"], ref["params"]) < 1e-10
     assert rel_diff(report["params"]["k2_sync_every_micro_batch"], ref["params"]) < 1e-10
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> dict:
+    """One torchrun launch of 2 ranks that meets both faults (see ddp_fault_worker.py)."""
+    out = tmp_path_factory.mktemp("faults")
+    env = dict(os.environ, PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(TESTS / "ddp_fault_worker.py"), str(out)]
+    subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    return {p.name: p.read_text() for p in out.iterdir()}
+
+
+def test_ranks_with_datasets_of_different_sizes_stop_at_the_start(faults):
+    for rank in ("0", "1"):
+        said = faults[f"lengths-{rank}"]
+        assert said.startswith("ValueError: the ranks hold train_data of different sizes")
+        assert "rank 0 has 48, rank 1 has 40 examples" in said
+
+
+def test_a_frozen_rank_times_out_with_a_message_naming_rank_and_step(faults):
+    # without a timeout rank 0 would wait 30 minutes (torch's default) for rank 1
+    assert faults["freeze-0"].startswith(
+        "CollectiveError: rank 0 of 2: a collective operation failed at optimizer step 3 "
+        "(collective_timeout_s=3)")
+    assert "frozen, dead" in faults["freeze-0"]
+    assert "freeze-1" not in faults  # still asleep when torchrun ended it

@@ -3,16 +3,24 @@ resume, the progress bar, the JSON Lines log, callbacks and the noise-scale reco
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import resource
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from accumlab.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from accumlab.engine.checkpoint import (
+    CheckpointWarning,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from accumlab.engine.config import RESUME_FIELDS, TrainConfig
 from accumlab.engine.evaluation import evaluate
 from accumlab.engine.metrics import HIGHER_IS_BETTER
@@ -87,16 +95,100 @@ def resume_fields(cfg: TrainConfig) -> dict:
     return {k: getattr(cfg, k) for k in RESUME_FIELDS}
 
 
-def save_run(cfg, name, model, optimizer, scheduler, scaler, step, epoch, position, history,
-          tracker, latest: bool = True) -> Path:
+def save_run(cfg, name, model, optimizer, scheduler, scaler, step, epoch, position, log,
+             tracker, data: dict | None = None, latest: bool = True) -> Path:
+    """Checkpoint the run; its history stays in the run log (`log`), named by length and
+    checksum, so that state.json does not grow with every step."""
     micro_done, tokens_seen, noise = position
     check_finite_weights(model, step)
+    log.sync()
+    eval_state = {k: v for k, v in tracker.state.items() if k != "evals"}  # in the history
     state = {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens_seen": tokens_seen,
              "windows_done": micro_done // cfg.accum_steps,
              "noise_state": noise.state_dict() if noise is not None else None,
-             "config": cfg.to_dict(), "history": history, "eval_state": tracker.state}
-    return save_checkpoint(cfg.checkpoint_dir, name, model=model, optimizer=optimizer,
-                           scheduler=scheduler, scaler=scaler, state=state, update_latest=latest)
+             "config": cfg.to_dict(), "history": log.position(), "eval_state": eval_state,
+             "data": data}
+    path = save_checkpoint(cfg.checkpoint_dir, name, model=model, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler, state=state,
+                           update_latest=latest, link=not latest)
+    if latest:
+        prune_checkpoints(cfg.checkpoint_dir, cfg.keep_last)
+    return path
+
+
+class HistoryLog:
+    """The run's history, one JSON line per record in `checkpoint_dir/history.jsonl`.
+
+    A checkpoint stores how many lines it covers and their sha256; resuming reads them back
+    (the same numbers, exactly) and cuts the log there, dropping steps made after it.
+    """
+
+    NAME = "history.jsonl"
+
+    def __init__(self, directory: str | None, write: bool):
+        self.path = Path(directory) / self.NAME if directory else None
+        self.write = write and self.path is not None
+        self.lines = 0
+        self.hash = hashlib.sha256()
+        self._file = None
+
+    def start(self, history: list[dict]) -> None:
+        """Begin the log with `history` (empty for a new run), replacing what was there."""
+        for entry in history:
+            self._count(_line(entry))
+        if self.write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".tmp-{self.NAME}")
+            tmp.write_text("".join(_line(e) for e in history))
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
+
+    def append(self, entry: dict) -> None:
+        line = _line(entry)
+        self._count(line)
+        if self._file is not None:
+            self._file.write(line)
+
+    def sync(self) -> None:
+        """Make the lines a checkpoint will name durable before the checkpoint is written."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def position(self) -> dict:
+        return {"entries": self.lines, "sha256": self.hash.hexdigest()}
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _count(self, line: str) -> None:
+        self.lines += 1
+        self.hash.update(line.encode())
+
+
+def _line(entry: dict) -> str:
+    return json.dumps(entry, default=str) + "\n"
+
+
+def read_history(checkpoint: Path, position: dict | None) -> list[dict]:
+    """The history a checkpoint names, read back from the run log beside it."""
+    if not position or not position.get("entries"):
+        return []
+    log = Path(checkpoint).parent / HistoryLog.NAME
+    lines = []
+    if log.exists():
+        with open(log) as f:
+            lines = [line for _, line in zip(range(position["entries"]), f)]
+    digest = hashlib.sha256("".join(lines).encode()).hexdigest()
+    if len(lines) != position["entries"] or digest != position["sha256"]:
+        warnings.warn(f"{log} does not hold the {position['entries']} history records that "
+                      f"{Path(checkpoint).name} names (missing, cut or edited): training resumes "
+                      "exactly, but the result's history starts empty", CheckpointWarning,
+                      stacklevel=3)
+        return []
+    return [json.loads(line) for line in lines]
 
 
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:
@@ -110,7 +202,8 @@ def check_finite_weights(model: torch.nn.Module, step: int) -> None:
         )
 
 
-def resume_run(cfg, model, optimizer, scheduler, scaler) -> dict:
+def resume_run(cfg, model, optimizer, scheduler, scaler, data: dict | None = None) -> dict:
+    """Load the checkpoint `cfg.resume_from` names; its "history" is read back from the log."""
     path = cfg.resume_from
     if path == "latest":
         if not cfg.checkpoint_dir:
@@ -119,8 +212,13 @@ def resume_run(cfg, model, optimizer, scheduler, scaler) -> dict:
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {cfg.checkpoint_dir} to resume from")
         path = found
-    return load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, expected=resume_fields(cfg))
+    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                            scaler=scaler, expected=resume_fields(cfg), data=data)
+    history = read_history(Path(path), state.get("history"))
+    state["history"] = history
+    state["eval_state"]["evals"] = [{"step": e["step"], **e["eval"]} for e in history
+                                    if "eval" in e]
+    return state
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -144,10 +242,11 @@ def log_entry(cfg: TrainConfig, main: bool, entry: dict, bar) -> None:
         bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}",
                         tok_s=f"{entry['tokens_per_s']:,.0f}", refresh=False)
         bar.update(0 if entry["skipped"] else 1)
-    if cfg.run_dir:
+    if cfg.run_dir and not (cfg.checkpoint_dir and Path(cfg.run_dir).resolve()
+                            == Path(cfg.checkpoint_dir).resolve()):  # else the run log has it
         os.makedirs(cfg.run_dir, exist_ok=True)
         with open(Path(cfg.run_dir) / "history.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write(_line(entry))
 
 
 class FunctionCallback:

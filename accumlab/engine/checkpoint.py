@@ -4,10 +4,17 @@
                                  training_state.pt    optimizer, scheduler, GradScaler, RNG
                                  state.json           step, data position, config, checksums
     checkpoint_dir/latest                             name of the newest complete checkpoint
+    checkpoint_dir/best -> best-00000005              link to the best checkpoint's folder
+    checkpoint_dir/history.jsonl                      one line per step (see bookkeeping)
 
 Each checkpoint is written into a temporary folder and renamed into place, so a crash leaves
-either the old checkpoint or the new one, never half of one. `training_state.pt` holds only
-tensors and plain containers and is read with `torch.load(weights_only=True)`.
+either the old checkpoint or the new one, never half of one; a name that is replaced (`best`)
+is a link switched atomically to a new folder, so it always names a complete checkpoint.
+`training_state.pt` holds only tensors and plain containers and is read with
+`torch.load(weights_only=True)`. state.json lists the sha256 of the two other files and ends
+with the sha256 of its own content, so a changed byte anywhere (a hand-edited step, a removed
+checksum) is detected. This guards against accidents and edits, not against someone who
+recomputes the checksums on purpose.
 """
 
 from __future__ import annotations
@@ -15,18 +22,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-FORMAT = "accumlab-checkpoint-1"
+FORMAT = "accumlab-checkpoint-2"
+FILES = ("model.safetensors", "training_state.pt")
+STEP_NAME = re.compile(r"step-\d{8,}")
+DEBRIS = (".tmp-", ".old-", ".latest.")  # left by a crash while writing
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, damaged, or was made by a different configuration."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint pointer was stale, and an older intact checkpoint is used instead."""
+
+
+def _state_checksum(state: dict) -> str:
+    """sha256 of state.json's content without its own checksum, in a canonical form."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -84,8 +107,13 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     state: dict | None = None,
     update_latest: bool = True,
+    link: bool = False,
 ) -> Path:
-    """Write `directory/name` atomically and (by default) point `directory/latest` at it."""
+    """Write `directory/name` atomically and (by default) point `directory/latest` at it.
+
+    `link=True` (for `best`): write a new folder `name-<step>`, switch the link `name` to it,
+    then delete the old folder, so that `name` always exists while it is replaced.
+    """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
@@ -103,14 +131,18 @@ def save_checkpoint(
         meta = dict(state or {})
         meta["format"] = FORMAT
         meta["parameter_shapes"] = parameter_shapes(model)
-        meta["sha256"] = {f: _sha256(tmp / f) for f in ("model.safetensors", "training_state.pt")}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
+        meta["sha256"] = {f: _sha256(tmp / f) for f in FILES}
+        meta = json.loads(json.dumps(meta, default=_json_default))  # as it will be read back
+        meta["checksum"] = _state_checksum(meta)
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
         final = root / name
-        if final.exists():  # replace an older checkpoint of the same name (e.g. "best")
+        if link and _switch_link(root, name, tmp, meta.get("step")):
+            final = root / name
+        elif final.exists():  # replace an older checkpoint of the same name
             old = root / f".old-{name}-{os.getpid()}"
             os.replace(final, old)
             os.replace(tmp, final)
@@ -126,13 +158,131 @@ def save_checkpoint(
     return final
 
 
+def _switch_link(root: Path, name: str, tmp: Path, step) -> bool:
+    """Move `tmp` to a new folder and switch the link `root/name` to it; False where links are
+    not available (then the caller renames, with a short moment in which `name` is missing)."""
+    link = root / name
+    old = os.readlink(link) if link.is_symlink() else None
+    if link.exists() and old is None and not _replace_dir_with_nothing(link):
+        return False
+    base = f"{name}-{int(step):08d}" if isinstance(step, int) else f"{name}-00000000"
+    target, n = base, 1
+    while os.path.lexists(root / target):  # the same step again, after a resume
+        n += 1
+        target = f"{base}-{n}"
+    os.replace(tmp, root / target)
+    tmp_link = root / f".tmp-link-{name}-{os.getpid()}"
+    try:
+        if tmp_link.is_symlink():
+            tmp_link.unlink()
+        os.symlink(target, tmp_link)
+    except OSError:  # no symbolic links here (some Windows setups)
+        os.replace(root / target, tmp)
+        return False
+    os.replace(tmp_link, link)  # atomic: `name` names the old folder, then the new one
+    _fsync_dir(root)
+    if old and old != target and "/" not in old:
+        shutil.rmtree(root / old, ignore_errors=True)
+    return True
+
+
+def _replace_dir_with_nothing(path: Path) -> bool:
+    """An old real folder where a link goes: move it aside (debris, removed at the next start)."""
+    try:
+        os.replace(path, path.parent / f".old-{path.name}-{os.getpid()}")
+        return True
+    except OSError:
+        return False
+
+
+def _pointer_target(root: Path, name: str) -> Path:
+    """The folder a pointer names, which must be a folder directly inside `root`."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")
+            or os.path.isabs(name)):
+        raise CheckpointError(
+            f"{root / 'latest'} names {name!r}, which is not a checkpoint folder inside "
+            f"{root}: delete that file (resume then uses the newest intact checkpoint) or "
+            "write the name of a folder in it, e.g. step-00000010")
+    return root / name
+
+
+def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """The step-NNNNNNNN checkpoint folders of `directory`, oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def newest_intact_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest step checkpoint whose files match their checksums."""
+    for path in reversed(step_checkpoints(directory)):
+        try:
+            read_state(path)
+        except CheckpointError:
+            continue
+        return path
+    return None
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint `directory/latest` names, or None when there is none yet."""
-    pointer = Path(directory) / "latest"
-    if not pointer.exists():
+    """The checkpoint `directory/latest` names, or None when there is none yet.
+
+    A `latest` that names a missing folder (or is missing while checkpoints exist) falls back
+    to the newest intact step checkpoint, with a warning. A `latest` that names anything but a
+    folder inside `directory` is an error.
+    """
+    root = Path(directory)
+    pointer = root / "latest"
+    if pointer.exists():
+        path = _pointer_target(root, pointer.read_text().strip())
+        if path.is_dir():
+            return path
+        problem = f"{pointer} names {path.name}, which does not exist"
+    elif step_checkpoints(root):
+        problem = f"{pointer} is missing"
+    else:
         return None
-    path = Path(directory) / pointer.read_text().strip()
-    return path if path.exists() else None
+    fallback = newest_intact_checkpoint(root)
+    if fallback is not None:
+        warnings.warn(f"{problem}: using the newest intact checkpoint, {fallback.name}",
+                      CheckpointWarning, stacklevel=2)
+    return fallback
+
+
+def prune_checkpoints(directory: str | os.PathLike, keep_last: int | None) -> list[str]:
+    """Delete all but the newest `keep_last` step checkpoints (never the one `latest` names)."""
+    if keep_last is None:
+        return []
+    root = Path(directory)
+    pointer = root / "latest"
+    current = pointer.read_text().strip() if pointer.exists() else None
+    old = [p for p in step_checkpoints(root)[:-keep_last] if p.name != current]
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in old]
+
+
+def remove_debris(directory: str | os.PathLike) -> list[str]:
+    """Remove what a crash while writing left behind: temporary and replaced folders, pointer
+    temp files, and link targets no link names. Returns the names removed."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    links = {p.name: os.readlink(p) for p in root.iterdir() if p.is_symlink()}
+    removed = []
+    for p in root.iterdir():
+        owner = re.fullmatch(r"(.+)-\d{8,}(-\d+)?", p.name)  # e.g. best-00000012
+        orphan = (owner is not None and owner.group(1) in links
+                  and links[owner.group(1)] != p.name and not p.is_symlink())
+        if p.name.startswith(DEBRIS) or orphan:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return sorted(removed)
 
 
 def read_state(path: str | os.PathLike) -> dict:
@@ -148,9 +298,18 @@ def read_state(path: str | os.PathLike) -> dict:
         state = json.loads(state_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{state_file} is damaged ({e}): resume from an earlier one") from e
-    if state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {state.get('format')!r}, expected {FORMAT!r}")
-    for fname, digest in state.get("sha256", {}).items():
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path} has format {found!r}, expected {FORMAT!r}: it was "
+                              "written by another version of accumlab")
+    if state.get("checksum") != _state_checksum(state):
+        raise CheckpointError(
+            f"{state_file} was changed after it was written (its checksum does not match): the "
+            "checkpoint can't be trusted; resume from an earlier checkpoint or start again")
+    sums = state.get("sha256")
+    if not isinstance(sums, dict) or set(sums) != set(FILES):
+        raise CheckpointError(f"{state_file} does not list the checksums of {list(FILES)}")
+    for fname, digest in sums.items():
         f = path / fname
         if not f.exists() or _sha256(f) != digest:
             raise CheckpointError(
@@ -160,9 +319,20 @@ def read_state(path: str | os.PathLike) -> dict:
     return state
 
 
-def check_compatible(state: dict, model: torch.nn.Module, expected: dict) -> None:
-    """Raise CheckpointError naming every setting or parameter that differs from this run."""
+def check_compatible(state: dict, model: torch.nn.Module, expected: dict,
+                     data: dict | None = None) -> None:
+    """Raise CheckpointError naming every setting, parameter or dataset that differs from this
+    run. `data` is {"examples": n, "fingerprint": ...} of this run's training data."""
     problems = []
+    saved_data = state.get("data") or {}
+    if data and saved_data.get("examples") != data["examples"]:
+        problems.append(f"train_data: the checkpoint was made on {saved_data.get('examples')} "
+                        f"examples, this run has {data['examples']}")
+    elif data and None not in (saved_data.get("fingerprint"), data.get("fingerprint")) and \
+            saved_data["fingerprint"] != data["fingerprint"]:
+        problems.append(f"train_data: same size ({data['examples']} examples) but other "
+                        f"contents (fingerprint {saved_data['fingerprint']}, this run "
+                        f"{data['fingerprint']})")
     saved_cfg = state.get("config", {})
     for key, value in expected.items():
         if key in saved_cfg and _normalise(saved_cfg[key]) != _normalise(value):
@@ -180,7 +350,7 @@ def check_compatible(state: dict, model: torch.nn.Module, expected: dict) -> Non
     if problems:
         raise CheckpointError(
             "the checkpoint was made by another configuration:\n  " + "\n  ".join(problems)
-            + "\nResume with the same settings and model, or use a new checkpoint_dir."
+            + "\nResume with the same settings, model and data, or use a new checkpoint_dir."
         )
 
 
@@ -193,11 +363,12 @@ def load_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     expected: dict | None = None,
     restore_rng: bool = True,
+    data: dict | None = None,
 ) -> dict:
     """Load weights (and training state) into the given objects; returns the JSON state."""
     path = Path(path)
     state = read_state(path)
-    check_compatible(state, model, expected or {})
+    check_compatible(state, model, expected or {}, data)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
         training = torch.load(path / "training_state.pt", weights_only=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -42,10 +43,16 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def init_from_env(backend: str | None = None) -> bool:
+class CollectiveError(RuntimeError):
+    """A collective operation failed or timed out: another rank is frozen, dead or failed."""
+
+
+def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the process group that `torchrun` describes in the environment, if any.
 
-    Returns True when running distributed. Chooses NCCL with CUDA, else gloo.
+    Returns True when running distributed. Chooses NCCL with CUDA, else gloo. `timeout_s`
+    bounds every collective (torch's default is 30 minutes); a process group that the caller
+    already made keeps its own timeout.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
@@ -53,5 +60,58 @@ def init_from_env(backend: str | None = None) -> bool:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=backend)
+        timeout = timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group(backend=backend, timeout=timeout)
     return is_distributed()
+
+
+def all_gather_ints(values: list[int]) -> list[list[int]]:
+    """Every rank's `values` (the same count on each), in rank order."""
+    if not is_distributed():
+        return [list(values)]
+    mine = torch.tensor(values, dtype=torch.int64, device=collective_device())
+    out = [torch.empty_like(mine) for _ in range(world_size())]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
+def check_same_data(n_examples: int, fingerprint: str | None, name: str = "train_data") -> None:
+    """Raise on every rank when the ranks hold datasets of different sizes or contents.
+
+    Each rank trains on its share of the same dataset; unequal sizes would make one rank finish
+    its epochs early and the others wait for it forever.
+    """
+    if not is_distributed():
+        return
+    digest = int(fingerprint[:15], 16) if fingerprint else -1
+    rows = all_gather_ints([n_examples, digest])
+    sizes = [r[0] for r in rows]
+    if len(set(sizes)) > 1:
+        listed = ", ".join(f"rank {i} has {n}" for i, n in enumerate(sizes))
+        raise ValueError(f"the ranks hold {name} of different sizes ({listed} examples): every "
+                         "rank must load the same dataset (accumlab gives each rank its share)")
+    digests = [r[1] for r in rows]
+    if -1 not in digests and len(set(digests)) > 1:
+        raise ValueError(f"the ranks hold different {name} of the same size ({sizes[0]} "
+                         "examples): every rank must load the same dataset, in the same order")
+
+
+def explain_failure(error: BaseException, where: str, timeout_s: float | None) -> None:
+    """Raise a CollectiveError naming this rank and `where` if `error` is a collective's timeout
+    or broken connection (another rank frozen or dead); otherwise return."""
+    if not is_distributed() or not _is_collective_failure(error):
+        return
+    waited = f" (collective_timeout_s={timeout_s:g})" if timeout_s else ""
+    raise CollectiveError(
+        f"rank {rank()} of {world_size()}: a collective operation failed {where}{waited}: "
+        "another rank is frozen, dead, or stopped with an error of its own; look at its "
+        f"output. The backend said: {str(error).strip().splitlines()[0][:300]}"
+    ) from error
+
+
+def _is_collective_failure(error: BaseException) -> bool:
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(k in text for k in ("timed out", "timeout", "connection closed",
+                                   "connection reset", "broken pipe", "gloo", "nccl"))

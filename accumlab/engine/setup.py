@@ -13,24 +13,6 @@ from accumlab.engine.config import TrainConfig
 from accumlab.engine.precision import Precision
 
 
-def check_data(data: Sequence, cfg: TrainConfig) -> None:
-    try:
-        n = len(data)
-    except TypeError as e:
-        raise TypeError("train_data must be a map-style dataset or a list of dicts") from e
-    if n == 0:
-        raise ValueError("train_data is empty: pass at least micro_batch_size examples")
-    if n < cfg.micro_batch_size:
-        raise ValueError(
-            f"train_data has {n} examples, fewer than one micro-batch "
-            f"(micro_batch_size={cfg.micro_batch_size}): lower micro_batch_size to at most {n} "
-            "or add data"
-        )
-    first = data[0]
-    if not isinstance(first, dict) or "input_ids" not in first or "labels" not in first:
-        raise ValueError("each training example must be a dict with 'input_ids' and 'labels'")
-
-
 def pad_token_id(model: torch.nn.Module, cfg: TrainConfig) -> int:
     if cfg.pad_token_id is not None:
         return cfg.pad_token_id

@@ -28,6 +28,7 @@ from accumlab.engine.batching import (
 )
 from accumlab.engine.bookkeeping import (
     EvalTracker,
+    HistoryLog,
     as_callback,
     eval_due,
     evaluate_model,
@@ -39,13 +40,13 @@ from accumlab.engine.bookkeeping import (
     resume_run,
     save_run,
 )
+from accumlab.engine.checkpoint import remove_debris
 from accumlab.engine.config import TrainConfig
 from accumlab.engine.losses import IGNORE_INDEX, detect_task
 from accumlab.engine.noise import NoiseScale
 from accumlab.engine.precision import Precision, resolve_device
 from accumlab.engine.schedules import make_scheduler, ramp_accum_steps, scaled_lr, warmup_seq_len
 from accumlab.engine.setup import (
-    check_data,
     default_collate,
     enable_gradient_checkpointing,
     make_optimizer,
@@ -55,6 +56,7 @@ from accumlab.engine.setup import (
     to_device,
     wrap_for_training,
 )
+from accumlab.engine.validate import check_callbacks, check_dataset, check_inputs, check_run
 from accumlab.engine.window import Accumulator
 
 
@@ -107,8 +109,9 @@ def train(
     per-document attention mask. `collate(examples) -> batch` replaces either.
     """
     cfg = config
-    check_data(train_data, cfg)
-    distributed.init_from_env()  # under torchrun: join the process group
+    check_dataset(train_data, "train_data", cfg.micro_batch_size)
+    callbacks = [as_callback(c) for c in check_callbacks(callbacks)]
+    distributed.init_from_env(timeout_s=cfg.collective_timeout_s)  # under torchrun
     if cfg.micro_batch_tokens and distributed.world_size() > 1:
         raise ValueError("micro_batch_tokens (token-budget batching) gives ranks different "
                          "numbers of micro-batches, which DDP cannot step together: use a "
@@ -118,6 +121,12 @@ def train(
     precision.apply_matmul_settings()
     task = detect_task(model) if cfg.task == "auto" else cfg.task
     pad_id = pad_token_id(model, cfg)
+    fingerprint = check_inputs(model, cfg, train_data, eval_data, task, pad_id)
+    try:
+        distributed.check_same_data(len(train_data), fingerprint)
+    except RuntimeError as e:
+        distributed.explain_failure(e, "before the first step", cfg.collective_timeout_s)
+        raise
     main = distributed.is_main_process()
 
     model.to(device=device, dtype=precision.param_dtype)
@@ -127,9 +136,6 @@ def train(
     torch.manual_seed(cfg.seed)  # dropout masks
     net = wrap_for_training(model, device, cfg)
     ranks = distributed.world_size()
-    effective = cfg.micro_batch_size * cfg.accum_steps * ranks
-    lr = scaled_lr(cfg.lr, effective, cfg.base_batch or effective, cfg.lr_scaling)
-    optimizer = make_optimizer(model, cfg, device, lr)
     collate = collate or default_collate(train_data, pad_id, precision)
 
     def epoch_groups(epoch: int) -> list[list[int]]:  # example indices of each micro-batch
@@ -147,6 +153,10 @@ def train(
             "use partial_window='step'"
         )
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+    used_k = check_run(cfg, total_steps, micro_per_epoch, ranks)  # < accum_steps: warned
+    effective = cfg.micro_batch_size * used_k * ranks
+    lr = scaled_lr(cfg.lr, effective, cfg.base_batch or effective, cfg.lr_scaling)
+    optimizer = make_optimizer(model, cfg, device, lr)
     scheduler = make_scheduler(optimizer, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
                                schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio)
     scaler = precision.grad_scaler()
@@ -155,26 +165,31 @@ def train(
                          clip_grad_norm=cfg.clip_grad_norm, partial_window=cfg.partial_window,
                          loss_chunk_size=cfg.loss_chunk_size, noise_scale=cfg.noise_scale)
     noise = NoiseScale() if cfg.noise_scale else None
-    callbacks = [as_callback(c) for c in callbacks]
 
     step, epoch, micro_done, tokens_seen = 0, 0, 0, 0
     history: list[dict] = []
     tracker = EvalTracker(cfg)
+    data_id = {"examples": len(train_data), "fingerprint": fingerprint}
+    if cfg.checkpoint_dir and main:
+        remove_debris(cfg.checkpoint_dir)  # folders a crash left half-written
     if cfg.resume_from:
-        saved = resume_run(cfg, model, optimizer, scheduler, scaler)
+        saved = resume_run(cfg, model, optimizer, scheduler, scaler, data_id)
         step, epoch, history = saved["step"], saved["epoch"], saved["history"]
         micro_done = saved.get("micro_done", saved["windows_done"] * cfg.accum_steps)
         tokens_seen, tracker.state = saved.get("tokens_seen", 0), saved["eval_state"]
         if noise is not None and saved.get("noise_state"):
             noise.load_state_dict(saved["noise_state"])
 
+    run_log = HistoryLog(cfg.checkpoint_dir, write=main)
+    run_log.start(history)  # a resumed run's log is cut back to the checkpoint
     mean_len = mean_length(train_data)
     full_len = max(len(x["input_ids"]) for x in train_data) if cfg.seq_len_warmup_steps else 0
     if main and cfg.progress:
         scaling = "" if cfg.lr_scaling == "none" else (
             f"; lr {cfg.lr:g} at batch {cfg.base_batch} -> {lr:g} ({cfg.lr_scaling} scaling)")
+        short = "" if used_k == cfg.accum_steps else f" (not accum_steps={cfg.accum_steps})"
         print(f"accumlab: {task} on {device} ({cfg.precision}); effective batch = "
-              f"{cfg.micro_batch_size} micro x {cfg.accum_steps} steps x {ranks} rank(s) = "
+              f"{cfg.micro_batch_size} micro x {used_k} steps{short} x {ranks} rank(s) = "
               f"{effective} sequences ~ {effective * mean_len:,.0f} tokens "
               f"(mean length {mean_len:.1f}); {total_steps} optimizer steps{scaling}")
 
@@ -235,18 +250,22 @@ def train(
                 if noise is not None:
                     entry.update(noise_entry(noise, record))
                 history.append(entry)
+                improved = False
                 if eval_data is not None and eval_due(cfg.eval_every, step, epoch_end):
                     metrics = evaluate_model(net, eval_data, task, cfg, device, precision, pad_id)
                     entry["eval"] = metrics
                     improved = tracker.update(step, metrics)
                     notify(callbacks, "on_evaluate", metrics)
-                    if improved and cfg.checkpoint_dir and main:
-                        save_run(cfg, "best", model, optimizer, scheduler, scaler, step, epoch,
-                              (micro_done, tokens_seen, noise), history, tracker, latest=False)
+                run_log.append(entry)
                 log_entry(cfg, main, entry, bar)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and main:
+                where = (micro_done, tokens_seen, noise)
+                if improved and cfg.checkpoint_dir and main:
+                    save_run(cfg, "best", model, optimizer, scheduler, scaler, step, epoch, where,
+                             run_log, tracker, data_id, latest=False)
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and main
+                        and record.stepped):
                     save_run(cfg, f"step-{step:08d}", model, optimizer, scheduler, scaler, step,
-                          epoch, (micro_done, tokens_seen, noise), history, tracker)
+                             epoch, where, run_log, tracker, data_id)
                 notify(callbacks, "on_step_end", entry)
                 if tracker.should_stop():
                     stopped_early = True
@@ -264,7 +283,11 @@ def train(
             break
     except StopTraining:
         stopped_early = True
+    except RuntimeError as e:  # a collective timed out: name this rank and the step
+        distributed.explain_failure(e, f"at optimizer step {step + 1}", cfg.collective_timeout_s)
+        raise
     finally:
+        run_log.close()
         if bar is not None:
             bar.close()
 

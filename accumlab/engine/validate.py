@@ -1,0 +1,311 @@
+"""Checks before the first step: datasets, every example, eval data, callbacks and the run.
+
+A bad example must be named (index, field, limit) before training, not found 18 frames deep
+in an embedding lookup or silently cut by the collator. The check reads every example once,
+then tests the token ids and labels of the whole dataset as flat tensors; it costs about as
+much as collating one epoch and returns a fingerprint of the data (for resuming).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+
+from accumlab.engine.losses import IGNORE_INDEX
+
+HOOKS = ("on_train_begin", "on_step_end", "on_evaluate", "on_train_end")
+TASK_METRICS = {"classification": ("loss", "accuracy", "f1"),
+                "causal_lm": ("loss", "perplexity"), "masked_lm": ("loss", "perplexity")}
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class ConfigWarning(UserWarning):
+    """A setting that runs but is unlikely to be what was meant."""
+
+
+@dataclass
+class ModelLimits:
+    """What a model accepts: token ids below `vocab`, `positions` positions, `num_labels`."""
+
+    vocab: int | None
+    positions: int | None
+    num_labels: int | None
+
+
+def model_limits(model: torch.nn.Module) -> ModelLimits:
+    """Vocabulary (embedding rows), learned positions and classes of a transformers model."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if isinstance(emb, torch.nn.Embedding):
+        vocab = emb.num_embeddings
+    positions = None  # only learned position tables are a hard limit (rotary ones are not)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in (
+                "wpe", "position_embeddings"):
+            positions = module.num_embeddings
+    return ModelLimits(vocab, positions, getattr(config, "num_labels", None))
+
+
+def check_inputs(model, cfg, train_data, eval_data, task: str, pad_id: int) -> str | None:
+    """Everything `train` checks before its first step; returns train_data's fingerprint
+    (None when `cfg.validate_data` is off: then only the containers and the pad id are checked).
+    """
+    limits = model_limits(model)
+    check_pad_token(pad_id, limits, explicit=cfg.pad_token_id is not None)
+    if eval_data is not None:
+        check_eval_data(eval_data, limits, task, cfg.eval_metric, examples=cfg.validate_data)
+    elif cfg.eval_every is not None:
+        warnings.warn("eval_every is set but no eval_data was given: nothing will be evaluated",
+                      ConfigWarning, stacklevel=3)
+    return check_examples(train_data, limits, task) if cfg.validate_data else None
+
+
+def check_dataset(data, name: str, micro_batch_size: int | None = None) -> int:
+    """The dataset is a sized, indexable collection of examples; returns its length."""
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise TypeError(f"{name} is a path ({str(data)[:80]!r}): load the examples first "
+                        "(a list of dicts or a map-style dataset)")
+    if isinstance(data, Mapping):
+        if "input_ids" in data:
+            raise TypeError(f"{name} is one example (a dict): pass a list of examples")
+        raise TypeError(f"{name} is a dict with keys {sorted(map(str, data))[:5]}: pass one "
+                        "split (a list of examples), e.g. data['validation']")
+    try:
+        n = len(data)
+        first = data[0] if n else None
+    except (TypeError, KeyError) as e:
+        raise TypeError(f"{name} must be a map-style dataset or a list of dicts (indexable, "
+                        f"with len()), got {type(data).__name__}") from e
+    if n == 0:
+        raise ValueError(f"{name} is empty: pass at least one example"
+                         + (f" (at least micro_batch_size={micro_batch_size})"
+                            if micro_batch_size else ""))
+    if micro_batch_size and n < micro_batch_size:
+        raise ValueError(
+            f"{name} has {n} examples, fewer than one micro-batch (micro_batch_size="
+            f"{micro_batch_size}): lower micro_batch_size to at most {n} or add data")
+    if not isinstance(first, Mapping) or "input_ids" not in first or "labels" not in first:
+        raise ValueError(f"each {name} example must be a dict with 'input_ids' and 'labels'")
+    return n
+
+
+def check_examples(data: Sequence, limits: ModelLimits, task: str, name: str = "train_data",
+                   need_scored: bool = False) -> str:
+    """Check every example; raise naming the first bad one. Returns a fingerprint of the data.
+
+    `need_scored`: also raise when every label is -100 (nothing to score).
+    """
+    examples = [data[i] for i in range(len(data))]
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping):
+            raise ValueError(f"{name} example {i} is a {type(ex).__name__}, not a dict with "
+                             "'input_ids' and 'labels'")
+        for key in ("input_ids", "labels"):
+            if key not in ex:
+                raise ValueError(f"{name} example {i} has no {key!r} (its keys: "
+                                 f"{sorted(map(str, ex))}): every example needs one")
+    ids, lengths = _flatten([ex["input_ids"] for ex in examples], name, "input_ids")
+    if bool((lengths == 0).any()):
+        raise ValueError(f"{name} example {_first(lengths == 0)}: input_ids is empty")
+    _check_range(ids, lengths, name, "input_ids", limits.vocab, "the vocabulary")
+    _check_positions(examples, lengths, limits.positions, name)
+    _check_mask_lengths(examples, lengths, name)
+    if task == "classification":
+        labels = _class_labels([ex["labels"] for ex in examples], name)
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (limits.num_labels or 2**62)))
+        if bool(bad.any()):
+            i = _first(bad)
+            raise ValueError(f"{name} example {i}: labels = {int(labels[i])} is not a class of "
+                             f"the model, which has num_labels={limits.num_labels} (0 to "
+                             f"{limits.num_labels - 1}; -100 to ignore)")
+    else:
+        labels, label_lengths = _flatten([ex["labels"] for ex in examples], name, "labels")
+        if not torch.equal(label_lengths, lengths):
+            i = _first(label_lengths != lengths)
+            raise ValueError(f"{name} example {i}: labels has {int(label_lengths[i])} entries "
+                             f"but input_ids has {int(lengths[i])}: they must line up token by "
+                             "token (-100 where there is no loss)")
+        _check_range(labels, lengths, name, "labels", limits.vocab, "the vocabulary",
+                     allow=IGNORE_INDEX)
+    if need_scored:
+        scored = labels != IGNORE_INDEX
+        if task == "causal_lm":  # the first token of each example predicts nothing
+            scored[torch.cumsum(lengths, 0) - lengths] = False
+        if not bool(scored.any()):
+            raise ValueError(f"every label of {name} is -100: there is nothing to evaluate")
+    h = hashlib.sha256()
+    for t in (lengths, ids, labels):
+        h.update(t.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_eval_data(data, limits: ModelLimits, task: str, eval_metric: str,
+                    examples: bool = True) -> None:
+    """eval_data: the metric, the right type, not empty, valid examples with labels to score."""
+    if eval_metric not in TASK_METRICS[task]:
+        raise ValueError(f"eval_metric={eval_metric!r} is not a metric of {task} (it has "
+                         f"{list(TASK_METRICS[task])}): set TrainConfig.eval_metric to one")
+    check_dataset(data, "eval_data")
+    if examples:
+        check_examples(data, limits, task, name="eval_data", need_scored=True)
+
+
+def check_pad_token(pad_id: int, limits: ModelLimits, explicit: bool) -> None:
+    """The padding id must be a token of the model (it goes through the embedding)."""
+    source = "TrainConfig.pad_token_id" if explicit else "the model config's pad_token_id"
+    if isinstance(pad_id, bool) or not isinstance(pad_id, int) or pad_id < 0 or (
+            limits.vocab is not None and pad_id >= limits.vocab):
+        raise ValueError(f"pad_token_id={pad_id!r} (from {source}) is outside the vocabulary "
+                         f"[0, {limits.vocab}): set TrainConfig.pad_token_id to a token id of "
+                         "the model, e.g. the tokenizer's pad_token_id")
+
+
+def check_callbacks(callbacks) -> list:
+    """Each callback is a function of the step record, or an object with hooks."""
+    if callable(callbacks) or any(hasattr(callbacks, h) for h in HOOKS) or isinstance(
+            callbacks, (str, Mapping)):
+        raise TypeError("callbacks must be a list, e.g. callbacks=[my_callback]")
+    out = list(callbacks)
+    for i, c in enumerate(out):
+        if isinstance(c, type):
+            raise TypeError(f"callbacks[{i}] is the class {c.__name__}: pass an instance, "
+                            f"{c.__name__}()")
+        if not callable(c) and not any(hasattr(c, h) for h in HOOKS):
+            raise TypeError(f"callbacks[{i}] is a {type(c).__name__}, which is neither callable "
+                            f"nor has any of the hooks {list(HOOKS)}")
+    return out
+
+
+def check_run(cfg, total_steps: int, micro_per_epoch: int, ranks: int) -> int:
+    """Warn about settings that run but mislead; returns the window size actually used."""
+    if cfg.warmup_steps and cfg.warmup_steps >= total_steps:
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} is not below the run's {total_steps} "
+                      "optimizer steps: the learning rate never reaches lr. Shorten the warmup "
+                      "or train longer", ConfigWarning, stacklevel=3)
+    used = cfg.accum_steps
+    if cfg.partial_window == "step" and micro_per_epoch < cfg.accum_steps:
+        used = micro_per_epoch
+        per_rank = " per rank" if ranks > 1 else ""
+        batch = "" if cfg.micro_batch_tokens else (
+            f", so the effective batch is {cfg.micro_batch_size * used * ranks} sequences, not "
+            f"{cfg.micro_batch_size * cfg.accum_steps * ranks}")
+        warnings.warn(
+            f"accum_steps={cfg.accum_steps} is larger than the {micro_per_epoch} micro-batches "
+            f"of an epoch{per_rank}: every window holds only {micro_per_epoch}{batch}. Lower "
+            "accum_steps or add data", ConfigWarning, stacklevel=3)
+    return used
+
+
+def _as_list(x) -> list:
+    return x.tolist() if hasattr(x, "tolist") else list(x)
+
+
+def _first(mask: torch.Tensor) -> int:
+    return int(mask.nonzero()[0, 0])
+
+
+def _flatten(seqs: list, name: str, field: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All sequences as one flat int64 tensor, and their lengths; names the first bad one."""
+    try:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        if all(type(s) is list for s in seqs):
+            flat = torch.tensor(list(chain.from_iterable(seqs)))
+        else:
+            parts = [torch.as_tensor(s) for s in seqs]
+            flat = torch.cat([p.reshape(-1) for p in parts]) if all(
+                p.dim() == 1 for p in parts) else None
+        ok = (flat is not None and flat.dim() == 1 and flat.numel() == int(lengths.sum())
+              and (flat.dtype in _INTEGER_DTYPES or flat.numel() == 0))
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        ok = False
+    if not ok:
+        _raise_first_bad_sequence(seqs, name, field)
+    return flat.to(torch.int64), lengths
+
+
+def _raise_first_bad_sequence(seqs: list, name: str, field: str) -> None:
+    for i, s in enumerate(seqs):
+        where = f"{name} example {i}: {field}"
+        if isinstance(s, (str, bytes, Mapping)) or not hasattr(s, "__len__"):
+            raise ValueError(f"{where} must be a list of integer token ids, got "
+                             f"{type(s).__name__} {str(s)[:40]!r}")
+        values = _as_list(s)
+        for j, v in enumerate(values):
+            if isinstance(v, list):
+                raise ValueError(f"{where} must be a flat list of token ids, but it is nested "
+                                 f"(shape {tuple(torch.as_tensor(s).shape) if j == 0 else '?'}):"
+                                 " drop the batch dimension")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{where}[{j}] = {v!r} is not an integer: token ids must be "
+                                 "integers")
+            if not -2**63 <= v < 2**63:
+                raise ValueError(f"{where}[{j}] = {v} is not a token id")
+    raise ValueError(f"{name}: {field} could not be read as integer token ids")
+
+
+def _check_range(flat, lengths, name, field, limit, what, allow: int | None = None) -> None:
+    bad = flat < 0
+    if limit is not None:
+        bad |= flat >= limit
+    if allow is not None:
+        bad &= flat != allow
+    if bool(bad.any()):
+        pos = _first(bad)
+        ends = torch.cumsum(lengths, 0)
+        i = int(torch.searchsorted(ends, pos, right=True))
+        j = pos - int(ends[i] - lengths[i])
+        allowed = f" (or {allow} to ignore)" if allow is not None else ""
+        raise ValueError(f"{name} example {i}: {field}[{j}] = {int(flat[pos])} is outside "
+                         f"{what} [0, {limit}){allowed} of the model")
+
+
+def _check_positions(examples, lengths, limit, name) -> None:
+    if limit is None:
+        return
+    if "position_ids" in examples[0]:  # packed rows: positions restart at each document
+        pos, pos_lengths = _flatten([ex["position_ids"] for ex in examples], name,
+                                    "position_ids")
+        if not torch.equal(pos_lengths, lengths):
+            i = _first(pos_lengths != lengths)
+            raise ValueError(f"{name} example {i}: position_ids has {int(pos_lengths[i])} "
+                             f"entries but input_ids has {int(lengths[i])}")
+        _check_range(pos, lengths, name, "position_ids", limit, "the positions")
+        return
+    too_long = lengths > limit
+    if bool(too_long.any()):
+        i = _first(too_long)
+        raise ValueError(f"{name} example {i}: input_ids has {int(lengths[i])} tokens, more than "
+                         f"the model's {limit} positions: cut the examples to at most {limit} "
+                         "tokens (e.g. lm_examples(max_length=...)) or pack them")
+
+
+def _check_mask_lengths(examples, lengths, name) -> None:
+    for i, ex in enumerate(examples):
+        mask = ex.get("attention_mask")
+        if mask is not None and len(mask) != int(lengths[i]):
+            raise ValueError(f"{name} example {i}: attention_mask has {len(mask)} entries but "
+                             f"input_ids has {int(lengths[i])}")
+
+
+def _class_labels(labels: list, name: str) -> torch.Tensor:
+    try:
+        t = torch.tensor([int(y) if isinstance(y, torch.Tensor) and y.dim() == 0 else y
+                          for y in labels])
+        if t.dim() == 1 and t.dtype in _INTEGER_DTYPES:
+            return t.to(torch.int64)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        pass
+    for i, y in enumerate(labels):
+        if isinstance(y, bool) or not isinstance(y, int) and not (
+                isinstance(y, torch.Tensor) and y.dim() == 0 and not y.is_floating_point()):
+            raise ValueError(f"{name} example {i}: labels = {str(y)[:40]} must be one integer "
+                             "class index for classification")
+    raise ValueError(f"{name}: labels could not be read as integer class indices")
