@@ -79,10 +79,17 @@ def pytest_runtest_call(item):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Put a `LessonAudit` after the last cell of each lesson notebook."""
+    """Put a `LessonAudit` after the last cell of each lesson notebook, and give checked cells
+    an execution count: nbstripout (the git filter, see the README) keeps their outputs but
+    removes every count, and nbval compares only cells that have one."""
     last = {}
     for index, item in enumerate(items):
-        if isinstance(item, IPyNbCell) and LESSON.match(item.parent.fspath.basename):
+        if not isinstance(item, IPyNbCell):
+            continue
+        tags = item.cell.metadata.get("tags", [])
+        if "nbval-check-output" in tags and item.cell.outputs and item.cell.execution_count is None:
+            item.cell.execution_count = 1
+        if LESSON.match(item.parent.fspath.basename):
             last[item.parent] = index
     for parent, index in sorted(last.items(), key=lambda kv: -kv[1]):
         probe = nbformat.v4.new_code_cell(WIDGET_STATE_PROBE)

@@ -1,7 +1,9 @@
 """Static checks of the committed notebooks (nbval runs them: see the README's test command).
 
-No stray outputs: only cells tagged `nbval-check-output` may carry outputs, as plain text with an
-execution count, so that `pytest --nbval-lax` compares exactly those. Every notebook has the
+No stray outputs: only cells tagged `nbval-check-output` may carry outputs, as plain text, and
+they carry the metadata `keep_output: true`, so that nbstripout (the git filter) keeps them;
+`pytest --nbval-lax` compares exactly those (notebooks/conftest.py gives them back the execution
+count that nbstripout removes). Every committed notebook is what nbstripout writes. Every notebook has the
 course header, one short Colab install cell (a no-op elsewhere, safe to re-run, pins Colab's torch
 and pyproject.toml's transformers range), one `parameters` cell, what the learner will be able
 to do, and self-check questions.
@@ -92,13 +94,27 @@ def test_notebook_is_valid_and_has_no_stray_outputs(name):
             assert cell.execution_count is None, f"{where} has an execution count"
             continue
         assert cell.outputs, f"{where} is tagged {CHECK_TAG} but stores no expected output"
-        assert cell.execution_count is not None, f"{where}: nbval needs an execution count"
+        assert cell.metadata.get("keep_output") is True, \
+            f"{where}: set its metadata keep_output: true, or nbstripout removes its output"
+        assert cell.execution_count is None, f"{where}: nbstripout removes execution counts"
         for out in cell.outputs:
             assert out.output_type in ("stream", "execute_result"), f"{where}: {out.output_type}"
             if out.output_type == "stream":
                 assert out.name == "stdout", f"{where}: stored stderr"
             else:
                 assert set(out.data) == {"text/plain"}, f"{where}: rich output {set(out.data)}"
+
+
+def test_committed_notebooks_are_what_the_nbstripout_filter_writes():
+    """With the git filter installed (README: `nbstripout --install --attributes
+    .gitattributes`) a notebook run in JupyterLab commits as it is here: no diff, no merge
+    conflict over outputs, counts or widget state."""
+    attributes = (NOTEBOOK_DIR.parent / ".gitattributes").read_text()
+    assert "*.ipynb filter=nbstripout" in attributes and "*.ipynb diff=ipynb" in attributes
+    paths = [str(NOTEBOOK_DIR / f"{name}.ipynb") for name in COURSE]
+    run = subprocess.run([sys.executable, "-m", "nbstripout", "--verify", *paths],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"run nbstripout on these notebooks: {run.stdout}"
 
 
 @pytest.mark.parametrize("name", COURSE)
