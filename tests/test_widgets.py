@@ -216,10 +216,13 @@ def test_partition_panel_windows_and_policies(figure_mode, tiny_gpt2):
     panel.controls["partial_window"].value = "drop"
     assert not panel.result[-1]["stepped"]
     assert "<b>1</b> optimizer step" in panel.readout.value
+    dropped = panel.result
     panel.controls["normalization"].value = "mean_of_means"
     assert max(w["rel_diff"] for w in panel.result) > 1e-6  # unequal token counts
     counts = [n for w in panel.result for n in w["items"]]
     assert [y for t in panel.view.figure.data for y in t.y] == counts
+    panel.controls["normalization"].value = "tokens"
+    assert panel.result is dropped  # a setting seen before answers without recomputing
     assert all(p.grad is None for p in tiny_gpt2.parameters())
 
 
