@@ -22,7 +22,7 @@ NAMING_WORDS = re.compile(
     r"JupyterLab|Colab|answer|question|item|items|step|line|lines|l\.)"
     r"\s*(?:[\d.]+(?:\s*,\s*|\s+and\s+|\s+or\s+))*$",  # also "lessons 01, 03 and 10"
     re.IGNORECASE)
-REFERENCE = "measured elsewhere:"
+REFERENCE = "measured elsewhere"  # followed by its source: "measured elsewhere: <file>"
 MAX_SAVED_BYTES = 2 * 1024 * 1024
 
 
