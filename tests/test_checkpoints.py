@@ -54,12 +54,14 @@ def test_a_removed_checksum_entry_is_detected_even_with_a_forged_state_checksum(
         _train(tmp_path, max_steps=4, resume_from="latest")
 
 
-@pytest.mark.parametrize("pointer", ["../elsewhere", "ABSOLUTE", ".tmp-x", ".."])
+@pytest.mark.parametrize("pointer", ["../elsewhere", "ABSOLUTE", ".tmp-x", "..", "LINK"])
 def test_latest_may_only_name_a_folder_inside_checkpoint_dir(tmp_path, pointer):
     _train(tmp_path, max_steps=2)
     outside = tmp_path / "elsewhere"
     shutil.copytree(latest_checkpoint(tmp_path / "ckpt"), outside)  # intact, but not ours
     name = str(outside) if pointer == "ABSOLUTE" else pointer
+    if pointer == "LINK":  # a plain name, but a link that leads out of checkpoint_dir
+        os.symlink(outside, tmp_path / "ckpt" / "LINK")
     (tmp_path / "ckpt" / "latest").write_text(name + "\n")
     with pytest.raises(CheckpointError, match="not a checkpoint folder inside"):
         _train(tmp_path, max_steps=4, resume_from="latest")

@@ -197,8 +197,9 @@ def _replace_dir_with_nothing(path: Path) -> bool:
 
 def _pointer_target(root: Path, name: str) -> Path:
     """The folder a pointer names, which must be a folder directly inside `root`."""
-    if (not name or name in (".", "..") or "/" in name or "\\" in name or name.startswith(".")
-            or os.path.isabs(name)):
+    plain = not (not name or name in (".", "..") or "/" in name or "\\" in name
+                 or name.startswith(".") or os.path.isabs(name))
+    if not plain or (root / name).resolve().parent != root.resolve():  # a link leading out
         raise CheckpointError(
             f"{root / 'latest'} names {name!r}, which is not a checkpoint folder inside "
             f"{root}: delete that file (resume then uses the newest intact checkpoint) or "
