@@ -3,9 +3,9 @@ can be trusted: solutions get full marks, every classic wrong answer (tests/assi
 gets exactly the points it should, a blank notebook gets 0, and answers that call accumlab's
 own implementation get nothing for that question.
 
-Runs without Docker. The solutions (and one blank notebook) are graded by otter itself
-(`otter.api.grade_submission`: a fresh kernel per notebook, about 20-50 s each on a loaded
-2-core machine). The wrong answers and the blank notebooks are graded in-process by
+Runs without Docker. The solutions (and one blank notebook) are graded by otter itself, through
+the instructor's command notebooks/assignments/grade.py (`otter.api.grade_submission`: a
+fresh kernel per notebook, 5-13 s of CPU each). The wrong answers and the blank notebooks are graded in-process by
 `grade_in_process`, which runs otter's own grading (grading mode, `Checker`, `GradingResults`)
 on cells executed in a fresh namespace: the imports are paid once, and each submission
 costs seconds. The in-process grader must agree with otter on the solutions and the blank
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import csv
 import glob
+import importlib.util
 import io
 import json
 import linecache
@@ -35,7 +37,7 @@ from assignment_answers import WRONG  # noqa: E402 (tests/ is on the path)
 
 ROOT = Path(__file__).resolve().parents[1] / "notebooks" / "assignments"
 ASSIGNMENTS = ("a1_window", "a2_token_loss", "a3_plan", "a4_data_parallel")
-REAL_BLANK = ("a1_window",)  # blank notebooks otter grades in a kernel (all are graded in-process)
+REAL_BLANK = ("a2_token_loss",)  # blank notebooks otter grades in a kernel (all are graded in-process)
 
 
 def with_answers(nb, answers: dict[str, str]):
@@ -93,12 +95,21 @@ def _scores(results) -> dict:
             "scores": {q: results.get_score(q) for q in sorted(results.results)}}
 
 
-def _grade_with_otter(notebook: str, zip_path: str) -> dict:
-    """Worker: otter grades one notebook in a fresh kernel."""
-    import otter.api
+def _grade_script():
+    """notebooks/assignments/grade.py, the instructor's grading command, as a module."""
+    spec = importlib.util.spec_from_file_location("grade", ROOT / "grade.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    os.chdir(os.path.dirname(notebook))
-    return _scores(otter.api.grade_submission(notebook, zip_path, quiet=True))
+
+def _grade_with_otter(notebook: str, zip_path: str) -> dict:
+    """Worker: otter grades one notebook in a fresh kernel, through grade.py's `grade_one`."""
+    row = _grade_script().grade_one(notebook, zip_path)
+    assert not row["error"], row
+    scores = {k: v for k, v in row.items()
+              if k not in ("submission", "total", "possible", "seconds", "error")}
+    return {"total": row["total"], "possible": row["possible"], "scores": scores, "row": row}
 
 
 def _grade_all_in_process(jobs: list[tuple[str, str, str]]) -> dict:
@@ -202,9 +213,27 @@ def test_solution_full_marks_with_otter(graded, name):
 
 @pytest.mark.parametrize("name", ASSIGNMENTS)
 def test_in_process_grading_agrees_with_otter(graded, name):
-    assert graded[(name, "solution")] == graded[(name, "solution (otter)")]
+    def scores(r):
+        return {k: r[k] for k in ("total", "possible", "scores")}
+
+    assert scores(graded[(name, "solution")]) == scores(graded[(name, "solution (otter)")])
     if name in REAL_BLANK:
-        assert graded[(name, "blank")] == graded[(name, "blank (otter)")]
+        assert scores(graded[(name, "blank")]) == scores(graded[(name, "blank (otter)")])
+
+
+def test_grade_script_writes_a_csv_of_scores(graded, tmp_path):
+    grade = _grade_script()
+    rows = [r["row"] for key, r in graded.items() if key[0] == REAL_BLANK[0] and "row" in r]
+    grade.write_csv(rows, tmp_path / "scores.csv")
+    with open(tmp_path / "scores.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["submission", "q1", "q2", "q3", "total", "possible", "seconds",
+                              "error"]
+    by_kind = {Path(r["submission"]).parent.name: r for r in table}  # autograder/ or student/
+    assert by_kind["autograder"]["total"] == by_kind["autograder"]["possible"] == "7"
+    assert by_kind["student"]["total"] == "0" and by_kind["student"]["q3"] == "0"
+    assert grade.find_submissions(str(ROOT / "a1_window" / "student")) == [
+        str(ROOT / "a1_window" / "student" / "a1_window.ipynb")]
 
 
 @pytest.mark.parametrize("name", ASSIGNMENTS)
