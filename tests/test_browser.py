@@ -143,14 +143,14 @@ def test_equivalence_lab_widgets_respond_in_a_real_browser(lab):
             # The notebook's last checked cell moved k to its largest value.
             before = page.evaluate(READOUT)
             plot_before = page.evaluate(PLOT_Y)
-            assert before.startswith("k = 16, fp32"), before
+            assert "k = 16, fp32" in before, before
 
             # Move the slider one notch left with the keyboard: k 16 -> 4.
             page.locator(".accumlab-panel .widget-slider .noUi-handle").first.focus()
             page.keyboard.press("ArrowLeft")
             page.wait_for_function(
                 "() => document.querySelector('.accumlab-readout').textContent"
-                ".startsWith('k = 4, fp32')", timeout=30_000)
+                ".includes('k = 4, fp32')", timeout=30_000)
             page.wait_for_function(KERNEL_IDLE, timeout=30_000)
             plot_after_k = page.evaluate(PLOT_Y)
             assert plot_after_k != plot_before
@@ -159,7 +159,7 @@ def test_equivalence_lab_widgets_respond_in_a_real_browser(lab):
             page.locator(".accumlab-panel select").first.select_option("bf16")
             page.wait_for_function(
                 "() => document.querySelector('.accumlab-readout').textContent"
-                ".startsWith('k = 4, bf16')", timeout=30_000)
+                ".includes('k = 4, bf16')", timeout=30_000)
             page.wait_for_function(KERNEL_IDLE, timeout=30_000)
             after = page.evaluate(READOUT)
             plot_after = page.evaluate(PLOT_Y)
