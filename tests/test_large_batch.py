@@ -36,6 +36,27 @@ def test_crossing_interpolates_and_split_keeps_two_micro_batches():
     assert lb.crossing([(0, 8.0), (10, 6.0)], 7.0) == pytest.approx(5.0)
     assert lb.crossing([(0, 8.0), (10, 7.5)], 7.0) is None
     assert lb.crossing([(3, 6.0)], 7.0) == 3
-    assert lb._split(4, 16) == (2, 2) and lb._split(64, 16) == (16, 4)
+    # up to 8 micro-batches (the noise scale's window 8x its first micro-batch), at least 2
+    assert [lb._split(b, 16) for b in (2, 4, 8, 32, 64)] == [(1, 2), (1, 4), (1, 8), (4, 8),
+                                                              (8, 8)]
+    assert lb._split(256, 16) == (16, 16) and lb._split(12, 16) == (1, 12)
     with pytest.raises(ValueError, match="two micro-batches"):
         lb._split(1, 16)
+
+
+def test_rule_names_are_checked_and_regime_reads_the_live_noise_scale():
+    with pytest.raises(ValueError, match="unknown rule 'cubic'"):
+        lb.rule_run([], [], 4, "cubic", base_lr=1e-3, base_batch=4, target_loss=1.0,
+                    max_steps=1)
+    run = {"batch": 8, "mean_length": 25.0, "noise_scale_tokens": 100.0}
+    assert lb.run_regime(run) == {"batch_tokens": 200.0, "ratio": 2.0,
+                                  "regime": "diminishing returns"}
+    assert lb.run_regime({**run, "noise_scale_tokens": math.nan})["regime"] == "unknown"
+
+
+def test_unigram_loss_is_the_cross_entropy_of_token_frequencies():
+    train = [{"input_ids": [9, 1, 1, 2]}]  # next tokens 1, 1, 2: frequencies 2/3, 1/3
+    held_out = [{"input_ids": [9, 1, 2]}]
+    # add-1/2 smoothing over the 2 ids seen: p(1) = 2.5/4, p(2) = 1.5/4
+    expected = -(math.log(2.5 / 4) + math.log(1.5 / 4)) / 2
+    assert lb.unigram_loss(train, held_out) == pytest.approx(expected)

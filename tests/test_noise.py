@@ -13,8 +13,10 @@ from accumlab.engine.collate import pad_collate
 from accumlab.engine.noise import NoiseScale, two_batch_estimate
 from accumlab.lab.noise import (
     BagOfWordsClassifier,
+    NoiseProbe,
     exact_noise_scale,
     per_example_gradients,
+    sequence_noise_scale,
     window_noise_pair,
 )
 
@@ -138,3 +140,64 @@ def test_estimate_from_accumulation_windows_is_within_20_percent(classification_
     # 0.95 averages about 40 windows and strays up to ~18%, so it is not asserted here.
     assert errors["mean over windows"] < 0.20
     assert errors["EMA 0.98"] < 0.20
+
+
+@pytest.fixture(scope="module")
+def lm_problem():
+    """A tiny GPT-2 (float32) and 24 corpus sequences, with their per-sequence gradients."""
+    from accumlab.data.corpus import lm_examples
+    from accumlab.engine.models import make_model
+
+    examples = lm_examples(load_tokenizer(), "train", max_length=16, limit=24)
+    model = make_model("gpt2", "tiny", seed=0, max_positions=16)
+    grads, counts = per_example_gradients(model, examples, task="causal_lm")
+    return model, examples, grads, counts
+
+
+def test_sequence_noise_scale_matches_the_formula_on_stored_gradients(lm_problem):
+    """The streamed sums give what the per-sequence gradients, held in memory, give."""
+    model, examples, s, n = lm_problem
+    got = sequence_noise_scale(model, examples)
+    mean_n, g = float(n.mean()), s.sum(0) / n.sum()
+    v = float((s - n[:, None] * g).pow(2).sum()) / (len(examples) - 1) / mean_n**2
+    grad_sq = float(g.pow(2).sum()) - v / len(examples)
+    assert got["grad_sq"] == pytest.approx(grad_sq, rel=1e-7)
+    assert got["trace_sigma"] == pytest.approx(v * mean_n, rel=1e-7)
+    assert got["noise_scale"] == pytest.approx(v * mean_n / grad_sq, rel=1e-7)
+    assert got["mean_tokens"] == pytest.approx(mean_n)
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        sequence_noise_scale(model, examples[:1])
+
+
+def test_sequence_noise_scale_predicts_the_spread_of_batch_gradients(lm_problem):
+    """E|G_B|^2 = |G|^2 + tr(Sigma)/B over batches of these sequences (B in tokens)."""
+    model, examples, s, n = lm_problem
+    truth = sequence_noise_scale(model, examples)
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(len(examples), (20_000, 8), generator=g)  # with replacement
+    counts = torch.zeros(len(picks), len(examples), dtype=torch.float64)
+    counts.scatter_add_(1, picks, torch.ones_like(picks, dtype=torch.float64))
+    tokens = counts @ n
+    sq = ((counts @ (s @ s.T)) * counts).sum(1) / tokens**2  # |sum s_i / sum n_i|^2
+    # these sequences are the whole population here: its |G|^2 has no sampling noise
+    population_sq = (truth["grad_sq"]
+                     + truth["trace_sigma"] / truth["mean_tokens"] / len(examples))
+    predicted = population_sq + truth["trace_sigma"] / float(tokens.mean())
+    assert float(sq.mean()) == pytest.approx(predicted, rel=0.05)
+
+
+def test_noise_probe_measures_before_during_and_after_training(lm_problem):
+    from accumlab.engine.config import TrainConfig
+    from accumlab.engine.models import make_model
+    from accumlab.engine.trainer import train
+
+    examples = lm_problem[1]
+    model = make_model("gpt2", "tiny", seed=0, max_positions=16)
+    probe = NoiseProbe(examples[:6], steps=(1,))
+    config = TrainConfig(micro_batch_size=2, accum_steps=2, max_steps=3, lr=1e-3,
+                         device="cpu", progress=False)
+    train(model, examples, config, callbacks=[probe])
+    assert [p["step"] for p in probe.points] == [0, 1, 3]
+    assert probe.points[0]["loss"] is None and probe.points[-1]["loss"] > 0
+    final = sequence_noise_scale(model, examples[:6])
+    assert probe.points[-1]["noise_scale"] == pytest.approx(final["noise_scale"], rel=1e-6)

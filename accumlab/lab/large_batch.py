@@ -88,12 +88,13 @@ class _StopAtTarget:
             raise StopTraining
 
 
-def _split(batch: int, max_micro: int) -> tuple[int, int]:
-    """(micro_batch_size, accum_steps) for `batch` sequences, with at least 2 micro-batches
-    (the noise scale needs two sizes) and micro-batches of at most `max_micro`."""
+def _split(batch: int, max_micro: int, accum: int = 8) -> tuple[int, int]:
+    """(micro_batch_size, accum_steps) for `batch` sequences: up to `accum` micro-batches (at
+    least 2: the noise scale needs two sizes, and a window 8 times its first micro-batch
+    measures it better than one twice as large) of at most `max_micro` sequences."""
     if batch < 2:
         raise ValueError(f"batch must be >= 2 sequences (two micro-batches), got {batch}")
-    micro = min(max_micro, batch // 2)
+    micro = min(max_micro, max(1, batch // accum), batch // 2)
     while batch % micro:
         micro -= 1
     return micro, batch // micro
@@ -102,12 +103,15 @@ def _split(batch: int, max_micro: int) -> tuple[int, int]:
 def train_to_target(examples: Sequence[dict], eval_examples: Sequence[dict], batch: int, *,
                     target_loss: float, lr: float, max_steps: int, eval_every_sequences: int = 32,
                     max_micro: int = 16, warmup_steps: int = 0, model_size: str = "tiny",
-                    seed: int = 0, callbacks: Sequence = ()) -> dict:
-    """Train a fresh GPT-2 with `batch` sequences per step until the eval loss ≤ target.
+                    seed: int = 0, callbacks: Sequence = (), stop_at_target: bool = True) -> dict:
+    """Train a fresh GPT-2 with `batch` sequences per step until the eval loss ≤ target (or for
+    `max_steps` whatever the loss, with ``stop_at_target=False``).
 
     The held-out loss is measured about every `eval_every_sequences` training sequences; the
-    step and token count where it crosses the target are interpolated between evaluations.
-    Records the noise scale in every history record. Returns plain data.
+    step and token count where it first crosses the target are interpolated between
+    evaluations. Records the noise scale in every history record. Returns plain data, with
+    the largest held-out loss (`max_eval_loss`, at step `max_eval_step`) and the largest rise
+    between two evaluations in a row (`largest_rise`: a loss spike if positive).
     """
     micro, accum = _split(batch, max_micro)
     longest = max(len(e["input_ids"]) for e in [*examples, *eval_examples])
@@ -117,8 +121,9 @@ def train_to_target(examples: Sequence[dict], eval_examples: Sequence[dict], bat
                          warmup_steps=warmup_steps, eval_every=every, noise_scale=True,
                          eval_batch_size=min(64, len(eval_examples)),
                          seed=seed, device="cpu", progress=False)
+    stop = [_StopAtTarget(target_loss)] if stop_at_target else []
     result = train(model, examples, config, eval_data=eval_examples,
-                   callbacks=[*callbacks, _StopAtTarget(target_loss)])
+                   callbacks=[*callbacks, *stop])
     history = result.history
     tokens, cumulative = 0, [(0, 0)]
     for r in history:
@@ -138,7 +143,10 @@ def train_to_target(examples: Sequence[dict], eval_examples: Sequence[dict], bat
             "sequences": steps * batch if steps is not None else None,
             "noise_scale_tokens": noise[-1] if noise else math.nan,
             "mean_length": sum(len(e["input_ids"]) for e in examples) / len(examples),
-            "history": history, "evals": evals}
+            "history": history, "evals": evals,
+            "max_eval_loss": max(v for _, v in evals), "max_eval_step": max(evals, key=lambda e: e[1])[0],
+            "largest_rise": max((b - a for (_, a), (_, b) in zip(evals, evals[1:])),
+                                default=math.nan)}
 
 
 def critical_batch_runs(examples: Sequence[dict], eval_examples: Sequence[dict],
@@ -192,31 +200,65 @@ def tradeoff_curve(s_min: float, e_min: float, points: int = 50) -> tuple[list, 
     return steps, data
 
 
+def rule_run(examples: Sequence[dict], eval_examples: Sequence[dict], batch: int, rule: str, *,
+             base_lr: float, base_batch: int, target_loss: float, max_steps: int,
+             warmup_steps: int = 0, **kwargs) -> dict:
+    """`train_to_target` at `batch` with the LR of `base_batch` scaled by `rule`: "none",
+    "sqrt" or "linear", optionally with "+warmup" (e.g. "linear+warmup"), which warms the LR
+    up over `warmup_steps` optimizer steps. The run carries its `rule`."""
+    name, _, extra = rule.partition("+")
+    if name not in ("none", "sqrt", "linear") or extra not in ("", "warmup"):
+        raise ValueError(f"unknown rule {rule!r}: use none, sqrt or linear, optionally "
+                         "followed by '+warmup'")
+    lr = scaled_lr(base_lr, batch, base_batch, name)
+    run = train_to_target(examples, eval_examples, batch, target_loss=target_loss, lr=lr,
+                          max_steps=max_steps, warmup_steps=warmup_steps if extra else 0,
+                          **kwargs)
+    run["rule"] = rule
+    return run
+
+
 def lr_scaling_runs(examples: Sequence[dict], eval_examples: Sequence[dict], batch: int, *,
                     base_lr: float, base_batch: int, target_loss: float, max_steps: int,
                     rules: Sequence[str] = ("none", "sqrt", "linear"), warmup_steps: int = 0,
                     on_run: Callable[[str], Sequence] | None = None, **kwargs) -> list[dict]:
-    """Train `batch` sequences per step with the LR of `base_batch` scaled by each rule.
+    """`rule_run` for each rule at the same `batch` (sequences per optimizer step).
 
-    A rule is "none", "sqrt" or "linear", optionally with "+warmup" (e.g. "linear+warmup"):
-    only those runs warm the LR up over `warmup_steps` optimizer steps.
+    `on_run(rule)` may return callbacks for that run.
     """
-    runs = []
-    for rule in rules:
-        name, _, extra = rule.partition("+")
-        if extra not in ("", "warmup"):
-            raise ValueError(f"unknown rule {rule!r}: use none, sqrt or linear, optionally "
-                             "followed by '+warmup'")
-        lr = scaled_lr(base_lr, batch, base_batch, name)
-        callbacks = on_run(rule) if on_run else ()
-        run = train_to_target(examples, eval_examples, batch, target_loss=target_loss, lr=lr,
-                              max_steps=max_steps, warmup_steps=warmup_steps if extra else 0,
-                              callbacks=callbacks, **kwargs)
-        run["rule"] = rule
-        runs.append(run)
-    return runs
+    return [rule_run(examples, eval_examples, batch, rule, base_lr=base_lr,
+                     base_batch=base_batch, target_loss=target_loss, max_steps=max_steps,
+                     warmup_steps=warmup_steps, callbacks=on_run(rule) if on_run else (),
+                     **kwargs) for rule in rules]
+
+
+def unigram_loss(examples: Sequence[dict], eval_examples: Sequence[dict]) -> float:
+    """Held-out loss (nats per label token) of the best model without context: every next
+    token predicted from its frequency in `examples` (add-½ smoothing over the ids seen in
+    either set). A language model that has learnt only the token frequencies sits here."""
+    counts: dict[int, int] = {}
+    for e in examples:
+        for t in e["input_ids"][1:]:
+            counts[t] = counts.get(t, 0) + 1
+    targets = [t for e in eval_examples for t in e["input_ids"][1:]]
+    vocab = len(set(counts) | set(targets))
+    total = sum(counts.values()) + 0.5 * vocab
+    return -sum(math.log((counts.get(t, 0) + 0.5) / total) for t in targets) / len(targets)
+
+
+def run_regime(run: dict) -> dict:
+    """Where a run's batch sits against its own live noise scale (both in tokens): the batch
+    in tokens, the ratio B / B_noise, and the regime it names (NaN / "unknown" if the noise
+    scale was not estimable)."""
+    batch_tokens = run["batch"] * run["mean_length"]
+    noise = run["noise_scale_tokens"]
+    if not (math.isfinite(noise) and noise > 0):
+        return {"batch_tokens": batch_tokens, "ratio": math.nan, "regime": "unknown"}
+    return {"batch_tokens": batch_tokens, "ratio": batch_tokens / noise,
+            "regime": regime(batch_tokens, noise)}
 
 
 __all__ = ["LLM_BATCH_PRACTICE", "critical_batch_runs", "crossing", "examples_factor",
-           "fit_tradeoff", "lr_scaling_runs", "regime", "regime_table", "steps_factor",
-           "tradeoff_curve", "train_to_target"]
+           "fit_tradeoff", "lr_scaling_runs", "regime", "regime_table", "rule_run", "run_regime",
+           "unigram_loss",
+           "steps_factor", "tradeoff_curve", "train_to_target"]

@@ -120,5 +120,84 @@ def exact_noise_scale(model: torch.nn.Module, examples: Sequence[dict], *,
             "items": len(examples)}
 
 
-__all__ = ["BagOfWordsClassifier", "exact_noise_scale", "per_example_gradients",
-           "squared_grad_norm", "window_noise_pair"]
+def sequence_noise_scale(model: torch.nn.Module, examples: Sequence[dict], *,
+                         task: str = "causal_lm", forward: Callable | None = None) -> dict:
+    """B_simple in tokens of a language model at its current weights, from per-sequence gradients.
+
+    Batches are drawn as whole sequences, so the sampled unit is a sequence: s_i its summed-loss
+    gradient, n_i its label tokens. A batch's mean gradient is Σ s_i / Σ n_i, whose variance over
+    batches of S sequences is v / S with v = mean |s_i − n_i G|² / n̄²; so E|G_B|² = |G|² +
+    v n̄ / B for a batch of B = S n̄ tokens, and tr Σ (per token) = v n̄ is what the trainer's
+    two-batch estimate measures. |G|² is corrected for the sample's own noise (minus v / S).
+    Sums are streamed, one sequence at a time, so memory stays at two gradient copies.
+    Returns {"noise_scale" (tokens), "grad_sq", "trace_sigma", "sequences", "mean_tokens"}.
+    """
+    forward = forward or default_forward
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]  # Σ s_i
+    weighted = [torch.zeros_like(p, dtype=torch.float64) for p in params]  # Σ n_i s_i
+    square, items, items_sq = 0.0, 0.0, 0.0  # Σ |s_i|², Σ n_i, Σ n_i²
+    for example in examples:
+        batch = pad_collate([example])
+        n = float(count_items(batch["labels"], task))
+        loss = summed_loss(forward(model, batch), batch["labels"], task)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for t, w, g in zip(total, weighted, grads, strict=True):
+            if g is not None:
+                g = g.double()
+                t.add_(g)
+                w.add_(g, alpha=n)
+                square += float(g.pow(2).sum())
+        items, items_sq = items + n, items_sq + n * n
+    sequences = len(examples)
+    if sequences < 2 or items == 0:
+        raise ValueError(f"need at least 2 sequences with label tokens, got {sequences}")
+    mean_tokens = items / sequences
+    mean = [t / items for t in total]  # G
+    cross = sum(float((g * w).sum()) for g, w in zip(mean, weighted, strict=True))
+    grad_sq_sample = sum(float(g.pow(2).sum()) for g in mean)
+    spread = square - 2 * cross + grad_sq_sample * items_sq  # Σ |s_i − n_i G|²
+    v = spread / (sequences - 1) / mean_tokens**2
+    grad_sq = grad_sq_sample - v / sequences
+    trace = v * mean_tokens
+    return {"noise_scale": trace / grad_sq if grad_sq > 0 else math.nan, "grad_sq": grad_sq,
+            "trace_sigma": trace, "sequences": sequences, "mean_tokens": mean_tokens}
+
+
+class NoiseProbe:
+    """A training callback that measures `sequence_noise_scale` on fixed `examples` before the
+    first step, after each step in `steps`, and after the last step.
+
+    `points` holds {"step", "loss" (the training loss of that step; None at step 0),
+    "noise_scale", ...}: the yardstick for the trainer's live two-batch estimate.
+    """
+
+    def __init__(self, examples: Sequence[dict], steps: Sequence[int] = (),
+                 task: str = "causal_lm"):
+        self.examples, self.steps, self.task = list(examples), set(steps), task
+        self.points: list[dict] = []
+        self.model: torch.nn.Module | None = None
+        self._last: dict | None = None
+
+    def _measure(self, step: int, loss: float | None) -> None:
+        if self.points and self.points[-1]["step"] == step:
+            return
+        point = sequence_noise_scale(self.model, self.examples, task=self.task)
+        self.points.append({"step": step, "loss": loss, **point})
+
+    def on_train_begin(self, info: dict) -> None:
+        self.model = info["model"]
+        self._measure(0, None)
+
+    def on_step_end(self, entry: dict) -> None:
+        self._last = entry
+        if entry["step"] in self.steps:
+            self._measure(entry["step"], entry["loss"])
+
+    def on_train_end(self, result) -> None:
+        if self._last is not None:
+            self._measure(self._last["step"], self._last["loss"])
+
+
+__all__ = ["BagOfWordsClassifier", "NoiseProbe", "exact_noise_scale", "per_example_gradients",
+           "sequence_noise_scale", "squared_grad_norm", "window_noise_pair"]

@@ -1,0 +1,51 @@
+"""The panels of lessons 06-11 (accumlab.ui.lesson_panels), driven without a browser."""
+
+import math
+
+from accumlab.ui import lesson_panels
+
+
+def _run(batch, rule, steps=5.0, noise=100.0):
+    return {"batch": batch, "rule": rule, "micro_batch_size": 1, "accum_steps": batch,
+            "lr": 1e-3, "reached": True, "steps": steps, "tokens": steps * batch * 25.0,
+            "noise_scale_tokens": noise, "mean_length": 25.0,
+            "evals": [(1, 8.0), (2, 7.5), (3, 7.0)]}
+
+
+def test_batch_picker_answers_from_runs_made_and_trains_the_others():
+    calls = []
+
+    def train_run(batch, rule, callbacks=()):
+        calls.append((batch, rule))
+        for step in (1, 2):  # what the trainer tells its callbacks
+            for c in callbacks:
+                c.on_step_end({"step": step, "eval": {"loss": 7.5}})
+        return _run(batch, rule, noise=math.nan if batch == 16 else 100.0)
+
+    made = {(4, "sqrt"): _run(4, "sqrt"), (8, "sqrt"): _run(8, "sqrt")}
+    panel = lesson_panels.batch_picker_panel(train_run, (4, 8, 16), ("sqrt", "linear"),
+                                             runs=made, batch=8, target_loss=7.2)
+    assert calls == [] and panel.result["run"] is made[(8, "sqrt")]
+    assert "200 tokens = <b>2.0</b> × B_noise: <b>diminishing returns</b>" in panel.readout.value
+    assert [t.name for t in panel.view.figure.data] == ["batch 4", "batch 8 (picked)"]
+
+    panel.controls["rule"].value = "linear"  # not made yet: it trains, and says so
+    assert calls == [(8, "linear")] and panel.result["run"]["rule"] == "linear"
+    assert panel.runs == 2 and "done in" in panel.status.value
+    panel.controls["rule"].value = "sqrt"
+    panel.controls["rule"].value = "linear"  # made once: answered from the cache
+    assert calls == [(8, "linear")]
+
+    panel.controls["batch"].value = 16
+    assert "not estimable" in panel.readout.value
+
+
+def test_training_status_says_what_trains_and_why_it_takes_time():
+    import ipywidgets as W
+
+    status = W.HTML()
+    writer = lesson_panels._TrainingStatus(status, "batch 64 with the linear rule")
+    writer.on_step_end({"step": 3, "eval": {"loss": 7.41}})
+    assert "training batch 64 with the linear rule" in status.value
+    assert "a fresh model trains now" in status.value and "step 3" in status.value
+    assert "7.41" in status.value
