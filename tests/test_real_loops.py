@@ -4,17 +4,13 @@ from the code. `python tests/test_real_loops.py` prints the table."""
 
 import importlib
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from real_loops import LOOPS
+from real_loops.measure import K, measure
 
-sys.path.insert(0, str(Path(__file__).parent))
-from real_loops import LOOPS  # noqa: E402
-from real_loops.measure import K, measure  # noqa: E402
-
-from accumlab.doctor import check_loop  # noqa: E402
+from accumlab.doctor import check_loop
 
 MODULES = {name: importlib.import_module(f"real_loops.{name}") for name in LOOPS}
 
