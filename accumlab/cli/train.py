@@ -66,6 +66,8 @@ def cmd_train(args) -> int:
 
     from accumlab.data.textclass import LABELS
     from accumlab.data.tokenizer import load_tokenizer
+    from accumlab.engine.checkpoint import CheckpointError
+    from accumlab.engine.distributed import CollectiveError
     from accumlab.engine.models import load_model, make_model
     from accumlab.engine.trainer import train
 
@@ -93,22 +95,13 @@ def cmd_train(args) -> int:
         eval_data = eval_data if args.eval_at_end else None
     try:
         result = train(model, train_data, cfg, eval_data=eval_data)
-    except (FloatingPointError, torch.OutOfMemoryError, *_engine_failures()) as e:
-        raise RunStopped(str(e)) from e
+    except (FloatingPointError, torch.OutOfMemoryError, CheckpointError, CollectiveError) as e:
+        raise RunStopped(str(e)) from e  # the engine's message says why and what to change
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)
     print(summary_table(result))
     return EXIT_OK
-
-
-def _engine_failures() -> tuple[type[Exception], ...]:
-    """The engine's own errors for a run that cannot go on (their messages say why)."""
-    from accumlab.engine import checkpoint, distributed
-
-    return tuple(getattr(m, name) for m, name in ((checkpoint, "CheckpointError"),
-                                                   (distributed, "CollectiveError"))
-                 if hasattr(m, name))
 
 
 def _check_paths(args) -> None:
