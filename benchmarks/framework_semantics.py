@@ -4,8 +4,13 @@ Same padded variable-length causal-LM data (22 examples of 5-40 tokens), same in
 GPT-2, micro-batch 2 x 4 accumulation steps (windows of 4, 4 and 3 micro-batches), SGD at a
 constant LR of 0.5, fp32 on CPU. Every optimizer step is compared with the exact update of its
 window (one batch of the window's examples, token-mean loss, from the same parameters):
-relative difference ||update - exact|| / ||exact|| and the norm ratio. The logic lives in
-`accumlab.lab.semantics`; tests/test_semantics.py asserts the same facts.
+relative difference ||update - exact|| / ||exact|| and the norm ratio. Beside the plain Trainer
+and Accelerate rows stand the adapters of `accumlab.integrations` (ExactTrainer on a stock
+GPT-2, AccelerateWindows in Accelerate's accumulate() loop). A second table does the same for
+BERT sequence classification (14 examples, micro 2 x 3: windows of 3, 3 and 1 micro-batches,
+SGD at 0.05), whose head ignores num_items_in_batch. The logic lives in
+`accumlab.lab.semantics`; tests/test_semantics.py and tests/test_integrations.py assert the
+same facts.
 
     python benchmarks/framework_semantics.py [--json PATH]
 """
@@ -24,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from accumlab.integrations import AccelerateWindows, ExactTrainer  # noqa: E402
 from accumlab.lab import semantics  # noqa: E402
 
 
@@ -34,16 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = semantics.padded_lm_examples()
-    results = semantics.side_by_side(data)
+    results = semantics.side_by_side(data, exact_trainer=ExactTrainer,
+                                     accelerate_windows=AccelerateWindows)
     windows = results["accumlab"]
-    print(f"{len(data)} examples, micro {semantics.MICRO} x k {semantics.K}: windows of "
-          f"{[w['micro_batches'] for w in windows]} micro-batches holding "
-          f"{[w['label_tokens'] for w in windows]} label tokens (after the shift)")
+    print(f"GPT-2 causal LM: {len(data)} examples, micro {semantics.MICRO} x k {semantics.K}: "
+          f"windows of {[w['micro_batches'] for w in windows]} micro-batches holding "
+          f"{[w['items'] for w in windows]} label tokens (after the shift)")
     print("per window: relative difference to the exact update, and x its norm ratio")
     for line in semantics.format_side_by_side(results):
         print(line)
+    bert = semantics.bert_side_by_side(ExactTrainer)
+    print(f"\nBERT sequence classification: windows of "
+          f"{[w['micro_batches'] for w in bert['accumlab']]} micro-batches holding "
+          f"{[w['items'] for w in bert['accumlab']]} examples")
+    for line in semantics.format_side_by_side(bert, semantics.BERT_EXPLANATIONS):
+        print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+        both = {"causal_lm": results, "bert_classification": bert}
+        Path(args.json).write_text(json.dumps(both, indent=1) + "\n")
     return 0
 
 

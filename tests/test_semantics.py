@@ -4,13 +4,16 @@
 fp32 on CPU; each update against the exact update of its window from the same parameters.
 Measured (transformers 5.24, accelerate 1.15): accumlab and the Trainer's num_items_in_batch
 path within 4e-7; mean-of-means 0.34-0.52 away; the unshifted count 4.5-5.4e-2 away with
-norm ratio n / (n + rows); Accelerate's short window scaled by 3/4.
+norm ratio n / (n + rows); Accelerate's short window scaled by 3/4. The adapters of
+accumlab.integrations (ExactTrainer on the stock GPT-2, AccelerateWindows) as exact as
+accumlab; BERT classification: the plain Trainer x3, x3, x1 on windows of 3, 3, 1.
 """
 
 import pytest
 
 pytest.importorskip("accelerate")
 
+from accumlab.integrations import AccelerateWindows, ExactTrainer  # noqa: E402
 from accumlab.lab import semantics  # noqa: E402
 
 EXACT = 1e-5  # fp32 rounding of p + lr * g; measured 2e-7 .. 4e-7
@@ -18,7 +21,8 @@ EXACT = 1e-5  # fp32 rounding of p + lr * g; measured 2e-7 .. 4e-7
 
 @pytest.fixture(scope="module")
 def results():
-    return semantics.side_by_side()
+    return semantics.side_by_side(exact_trainer=ExactTrainer,
+                                  accelerate_windows=AccelerateWindows)
 
 
 def _rel(results, name):
@@ -33,6 +37,27 @@ def test_every_framework_steps_once_per_window_including_the_short_one(results):
 def test_accumlab_and_the_trainer_num_items_path_are_exact(results):
     for name in ("accumlab", "trainer"):
         assert max(_rel(results, name)) < EXACT, (name, _rel(results, name))
+
+
+def test_the_adapters_are_exact_where_their_plain_frameworks_are_not(results):
+    # ExactTrainer runs the stock GPT-2 (loss_type None) that the plain Trainer counts wrong
+    for adapter, plain in (("trainer_exact", "trainer_unshifted_count"),
+                           ("accelerate_windows", "accelerate")):
+        assert max(_rel(results, adapter)) < EXACT, (adapter, _rel(results, adapter))
+        assert min(_rel(results, plain)) > 1e-2, (plain, _rel(results, plain))
+        assert [r["norm_ratio"] for r in results[adapter]] == pytest.approx([1, 1, 1], abs=1e-5)
+
+
+def test_bert_classification_plain_trainer_sums_micro_batch_means():
+    from accumlab.integrations import ExactTrainer
+
+    bert = semantics.bert_side_by_side(ExactTrainer)
+    assert [r["micro_batches"] for r in bert["trainer"]] == [3, 3, 1]
+    # each window's update is its micro-batch count times the exact one (#47688)
+    assert [r["norm_ratio"] for r in bert["trainer"]] == pytest.approx([3, 3, 1], rel=1e-5)
+    for name in ("trainer_exact", "accumlab"):
+        assert max(_rel(bert, name)) < EXACT, (name, _rel(bert, name))
+    assert len(semantics.format_side_by_side(bert, semantics.BERT_EXPLANATIONS)) == 6
 
 
 def test_mean_of_means_is_far_from_exact_on_padded_data(results):
@@ -51,7 +76,7 @@ def test_mean_of_means_is_far_from_exact_on_padded_data(results):
 def test_counting_labels_before_the_shift_shrinks_every_update_by_n_over_n_plus_rows(results):
     for name in ("trainer_unshifted_count", "accelerate_num_items"):
         for rec in results[name]:
-            n = sum(rec["label_tokens"])
+            n = sum(rec["items"])
             rows = semantics.MICRO * rec["micro_batches"]
             assert rec["norm_ratio"] == pytest.approx(n / (n + rows), rel=1e-4), (name, rec)
             assert rec["rel_diff"] == pytest.approx(rows / (n + rows), rel=1e-3)
