@@ -113,6 +113,7 @@ def test_every_trainconfig_field_is_a_documented_flag():
     (["train", "--limit", "0"], "--limit"),
     (["train", "--schedule", "cosin"], "--schedule"),
     (["train", "--max-steps", "two"], "--max-steps"),
+    (["train", "--eval-every", "often"], "'epoch'"),
 ])
 def test_argument_errors_are_one_line_with_exit_code_2(capsys, argv, flag):
     with pytest.raises(SystemExit) as e:

@@ -126,7 +126,13 @@ def _shown(default) -> str:
 
 
 def _steps_or_epoch(text: str):
-    return "epoch" if text == "epoch" else int(text)
+    if text == "epoch":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps, 'epoch' or 'none', "
+                                         f"got {text!r}") from None
 
 
 def read_toml(path: str) -> dict:
