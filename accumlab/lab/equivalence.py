@@ -14,6 +14,27 @@ from accumlab.engine.losses import count_items, detect_task
 from accumlab.engine.precision import Precision
 from accumlab.engine.window import Accumulator, accumulate_gradients, default_forward
 
+# Measured on one H100 outside the notebooks; lesson 03 quotes it on a CPU, labelled as such,
+# and measures its own table on a GPU. What is known of the run is in the source file.
+REFERENCE_H100 = {
+    "source": "benchmarks/results/equivalence_h100.txt",
+    "setting": "one H100 80GB, GPT-2 small (124M parameters, V = 50257), 32 sequences x 256 "
+               "tokens",
+    "rows": (  # accumulated vs single batch, single batch vs float64
+        {"precision": "fp32 (TF32 off)", "vs_single": 2.4e-6, "single_vs_fp64": 2.55e-6},
+        {"precision": "TF32", "vs_single": 4.4e-4, "single_vs_fp64": 9e-4},
+        {"precision": "bf16 autocast", "vs_single": 5.3e-3, "single_vs_fp64": 9.7e-3},
+    ),
+    "fp16_no_scaling_single_vs_fp64": 0.26,
+}
+
+
+def with_ratio(records: Sequence[dict]) -> list[dict]:
+    """Records with `ratio` = vs_single / single_vs_fp64: accumulation's error in units of the
+    precision's own (None where the precision is the float64 reference itself)."""
+    return [{**r, "ratio": r["vs_single"] / r["single_vs_fp64"] if r["single_vs_fp64"] else None}
+            for r in records]
+
 
 def split_evenly(items: Sequence, parts: int) -> list[list]:
     """Split a sequence into `parts` contiguous chunks whose sizes differ by at most one."""
@@ -59,11 +80,17 @@ class GradientComparison:
     precision two. `record` returns what `compare_gradients` returns for that pair; `records`
     keeps every record made so far by (precision, k). Call `forget(precision)` to free a kept
     single-batch gradient. `items` is N, the loss-bearing items (tokens or examples) of the batch.
+
+    With `reference_micro_batch_size` the float64 reference is accumulated over micro-batches of
+    at most that many examples: in float64 that equals the one-batch gradient to about 1e-16
+    (contract point 1) and needs a fraction of the memory. By default it is one batch, as in
+    `compare_gradients`.
     """
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[dict], *,
                  task: str | None = None, normalization: str = "tokens",
-                 pad_token_id: int | None = None, device: str | torch.device = "cpu"):
+                 pad_token_id: int | None = None, device: str | torch.device = "cpu",
+                 reference_micro_batch_size: int | None = None):
         self.model = model
         self.examples = list(examples)
         task = task or detect_task(model)
@@ -72,6 +99,8 @@ class GradientComparison:
         self._common = dict(task=task, normalization=normalization, pad_token_id=pad_token_id,
                             device=device)
         self.items = count_items(pad_collate(self.examples, pad_token_id)["labels"], task)
+        size = reference_micro_batch_size or len(self.examples)
+        self._reference_k = -(-len(self.examples) // size)  # micro-batches of the reference
         self._reference: torch.Tensor | None = None
         self._singles: dict[str, tuple[torch.Tensor, float]] = {}  # gradient, error vs fp64
         self.records: dict[tuple[str, int], dict] = {}
@@ -99,7 +128,9 @@ class GradientComparison:
                                    **self._common)
 
         if self._reference is None:
-            self._reference = gradient("the float64 single batch (the reference)", 1, "fp64")
+            what = ("the float64 single batch (the reference)" if self._reference_k == 1 else
+                    f"the float64 reference ({self._reference_k} micro-batches)")
+            self._reference = gradient(what, self._reference_k, "fp64")
         if precision not in self._singles:
             single = gradient(f"the single batch in {precision}", 1, precision)
             self._singles[precision] = single, relative_difference(single, self._reference)

@@ -190,14 +190,17 @@ def equivalence_panel(model: torch.nn.Module,
                       normalization: str = "tokens", pad_token_id: int | None = None,
                       seq_lens: Sequence[int] = (), sizes: Sequence[int] = (),
                       seq_len: int | None = None, n_examples: int | None = None,
-                      comparison: GradientComparison | None = None, **kwargs) -> Panel:
+                      comparison: GradientComparison | None = None,
+                      reference_micro_batch_size: int | None = None, **kwargs) -> Panel:
     """Pick k and a precision: accumulated vs single-batch gradient, each against fp64.
 
     When `examples` is a function ``(seq_len, n_examples) -> examples``, two more sliders pick
     the sequence length (`seq_lens`) and the number of examples (`sizes`). Each set of
     examples gets one `GradientComparison`, so its float64 reference and single-batch
     gradients are computed once; `comparison` is the one of the starting examples (a lesson
-    passes the one that made its table). The status line counts the gradients being computed.
+    passes the one that made its table); `reference_micro_batch_size` is passed on to the new
+    ones (a float64 reference in micro-batches: the same gradient to about 1e-16, less memory).
+    The status line counts the gradients being computed.
     """
     make = examples if callable(examples) else None
     if make is not None:
@@ -225,9 +228,9 @@ def equivalence_panel(model: torch.nn.Module,
         key = (seq_len, n_examples) if make is not None else start
         if key not in comparisons:
             data = make(*key) if make is not None else examples
-            comparisons[key] = GradientComparison(model, data, task=task,
-                                                  normalization=normalization,
-                                                  pad_token_id=pad_token_id, device=device)
+            comparisons[key] = GradientComparison(
+                model, data, task=task, normalization=normalization, pad_token_id=pad_token_id,
+                device=device, reference_micro_batch_size=reference_micro_batch_size)
             while len(comparisons) > 3:  # keep the gradients of the last few settings only
                 comparisons.pop(next(iter(comparisons)))
         comparisons[key] = comparisons.pop(key)  # most recently used last
