@@ -14,7 +14,8 @@ Two ways, chosen by `isolate`:
   frameworks can crash, and Windows, which cannot fork): the check runs in the calling thread
   with a watchdog thread that raises a timeout in it after the limit. A runaway Python loop is
   stopped there; a function stuck inside one long C call (time.sleep, a blocking read) is only
-  stopped when that call returns. Torch's global settings are restored after every call.
+  stopped when that call returns, and one that catches BaseException and carries on is not
+  stopped. Torch's global settings are restored after every call.
   Pass isolate="fork" on macOS to use a child process anyway.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import logging
 import os
 import pickle
 import select
@@ -129,6 +131,7 @@ def _send(fd: int, message: tuple) -> None:
 def _child(work: Callable, fd: int) -> None:
     captured = io.StringIO()
     sys.stdout = sys.stderr = captured  # printed by the caller, never by the child
+    logging.disable(logging.WARNING)  # handlers hold the caller's streams (a kernel's, say)
 
     def report(snapshot, stage):
         _send(fd, ("progress", snapshot, stage, captured.getvalue()))
