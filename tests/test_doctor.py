@@ -381,9 +381,10 @@ def test_logged_loss_warning_does_not_fail():
 def test_result_renders_and_global_state_is_restored():
     before = torch.random.get_rng_state()
     backward = torch.autograd.backward
-    result = check_loop(no_division)
-    assert torch.equal(before, torch.random.get_rng_state())
-    assert torch.autograd.backward is backward
+    for isolate in ("thread", "fork"):  # in the caller's process, and in a child
+        result = check_loop(no_division, isolate=isolate)
+        assert torch.equal(before, torch.random.get_rng_state())
+        assert torch.autograd.backward is backward
     assert "loss_not_scaled" in result._repr_html_() and "not_checked" not in repr(result)
     assert accumlab.check_loop is check_loop
     with pytest.raises(ValueError):
