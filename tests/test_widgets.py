@@ -175,7 +175,7 @@ def test_equivalence_panel_varies_length_and_size_and_reuses_gradients(tiny_gpt2
     table.record("fp32", 2)  # what the lesson's table computed before the panel
     panel = widgets.equivalence_panel(tiny_gpt2, make, ks=(1, 2, 4), precisions=("fp64", "fp32"),
                                       k=2, precision="fp32", pad_token_id=1,
-                                      seq_lens=(6, 12), sizes=(4, 8), seq_len=12,
+                                      seq_lens=(6, 9, 12), sizes=(4, 8), seq_len=12,
                                       n_examples=8, comparison=table)
     assert panel.result["vs_single"] == table.records[("fp32", 2)]["vs_single"]
     assert made == [(12, 8)]  # the table's examples were reused, not made again
@@ -201,6 +201,14 @@ def test_equivalence_panel_varies_length_and_size_and_reuses_gradients(tiny_gpt2
     assert len(made) == calls and not [m for m in seen if "gradient" in m]
     assert panel.result["examples"] == 8 and panel.result["seq_len"] == 6
     assert "s = 6, 8 examples, k = 4, fp32" in panel.view.figure.layout.title.text
+    panel.controls["n_examples"].value = 4
+    panel.controls["seq_len"].value = 12
+    panel.controls["seq_len"].value = 9  # a fourth setting: the oldest, (6, 8), is dropped ...
+    panel.controls["n_examples"].value = 8
+    panel.controls["seq_len"].value = 12  # ... but the table's examples are always kept
+    assert made.count((12, 8)) == 1 and panel.result["k"] == 4
+    panel.controls["seq_len"].value = 6
+    assert made.count((6, 8)) == 3  # the check above, then made again after being dropped
 
 
 def test_partition_panel_windows_and_policies(figure_mode, tiny_gpt2):

@@ -231,8 +231,9 @@ def equivalence_panel(model: torch.nn.Module,
             comparisons[key] = GradientComparison(
                 model, data, task=task, normalization=normalization, pad_token_id=pad_token_id,
                 device=device, reference_micro_batch_size=reference_micro_batch_size)
-            while len(comparisons) > 3:  # keep the gradients of the last few settings only
-                comparisons.pop(next(iter(comparisons)))
+            kept = [other for other in comparisons if other != start or comparison is None]
+            if len(kept) > 3:  # the gradients of the last few settings only (and the table's)
+                comparisons.pop(kept[0])
         comparisons[key] = comparisons.pop(key)  # most recently used last
         comp = comparisons[key]
         record = comp.record(precision, k, progress=progress)
