@@ -112,6 +112,12 @@ def _grade_with_otter(notebook: str, zip_path: str) -> dict:
     return {"total": row["total"], "possible": row["possible"], "scores": scores, "row": row}
 
 
+def _one_thread() -> None:
+    """Worker start: torch on one thread here and in the kernels started from here (tiny models;
+    two workers and their kernels share two cores, and idle threads spinning cost more)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def _grade_all_in_process(jobs: list[tuple[str, str, str]]) -> dict:
     """Worker: grade (key, notebook, tests_dir) jobs in this process, one after another."""
     return {key: grade_in_process(notebook, tests_dir) for key, notebook, tests_dir in jobs}
@@ -159,7 +165,8 @@ def graded(assigned, tmp_path_factory):
         in_process[name] = jobs
 
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx) as pool:
+    with concurrent.futures.ProcessPoolExecutor(max_workers=2, mp_context=ctx,
+                                                initializer=_one_thread) as pool:
         # in-process grading in two batches of about equal cost (each pays the imports once),
         # first, so that the kernels' shorter jobs fill in after them
         halves = [in_process["a1_window"] + in_process["a3_plan"],

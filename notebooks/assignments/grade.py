@@ -29,6 +29,9 @@ def grade_one(notebook: str, autograder_zip: str) -> dict:
     """Grade one notebook with otter; returns a row {submission, q1.., total, possible, ...}."""
     import otter.api
 
+    # One thread per kernel: the assignments' models are tiny, several kernels may share the
+    # cores (-j), and torch's thread pool spinning on a busy machine costs several times the work.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
     row: dict = {"submission": notebook}
     try:
