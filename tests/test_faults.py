@@ -124,3 +124,48 @@ def test_fp16_gives_up_when_every_window_stays_non_finite(monkeypatch):
                       progress=False)
     with pytest.warns(NonFiniteWarning), pytest.raises(FloatingPointError, match="4 windows in a row"):
         accumlab.train(model, random_lm_data(8, seed=64, max_len=6), cfg)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_non_finite_gradient_is_skipped_on_device_and_cleared():
+    model = make_model("gpt2", "tiny").cuda()
+    _inf_gradient_on(model, {1})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    before = params_vector(model)
+    micro = [{k: v.cuda() for k, v in pad_collate(random_lm_data(4, seed=65)[i:i + 2], 1).items()}
+             for i in (0, 2)]
+    (window,) = list(Accumulator(model, opt, 2, task="causal_lm").windows(micro))
+    _backward(model, window)
+    with pytest.raises(FloatingPointError, match="gradient norm is inf"):
+        window.step()
+    assert torch.equal(params_vector(model), before)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(float(s["step"]) == 0 for s in opt.state.values())  # the skip left no step
+
+
+@cuda
+def test_cuda_window_step_reads_the_device_once():
+    """Loss and gradient norm come to the host together, after the fused step is queued."""
+    import warnings
+
+    model = make_model("gpt2", "tiny").cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    micro = [{k: v.cuda() for k, v in pad_collate(random_lm_data(8, seed=66)[i:i + 2], 1).items()}
+             for i in range(0, 8, 2)]
+    windows = list(Accumulator(model, opt, 2, task="causal_lm", clip_grad_norm=1.0)
+                   .windows(micro))
+    for window in windows:  # the first step creates the optimizer state; count the second
+        _backward(model, window)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                record = window.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert record.stepped and len(syncs) == 1, [str(w.message)[:80] for w in syncs]
