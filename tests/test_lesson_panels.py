@@ -49,3 +49,28 @@ def test_training_status_says_what_trains_and_why_it_takes_time():
     assert "training batch 64 with the linear rule" in status.value
     assert "a fresh model trains now" in status.value and "step 3" in status.value
     assert "7.41" in status.value
+
+
+def test_underflow_explorer_recomputes_what_fp16_stores():
+    import torch
+
+    probs = torch.tensor([1e-2, 1e-5, 1e-8, 0.0])
+    panel = lesson_panels.underflow_panel(vocab=50257, n_tokens=8192, p=1e-5,
+                                          scale="none (1)", probs=probs)
+    term = panel.result["term"]
+    assert term["exact"] == 1e-5 / 8192 and term["stored"] == 0.0 and term["status"] == "zero"
+    assert term["rel_error"] == 1.0 and "rounds to 0" in panel.readout.value
+    # 1e-2 / 8192 = 1.2e-6 is a subnormal, 1e-5 / 8192 and 1e-8 / 8192 round to 0: 2 of 3
+    assert panel.result["zero_share"] == 2 / 3
+    panel.controls["scale"].value = "2^16 (torch's default)"
+    term = panel.result["term"]
+    assert term["status"] == "normal" and term["rel_error"] < 2**-11
+    # scaled, even 1e-8 / 8192 * 65536 = 8e-8 is above half the smallest subnormal
+    assert panel.result["zero_share"] == 0.0 and panel.result["unscaled_zero_share"] == 2 / 3
+    panel.controls["p"].value = 1e-8
+    panel.controls["n_tokens"].value = 524288  # 65536 * 1e-8 / 524288 = 1.25e-9: lost again
+    assert panel.result["term"]["status"] == "zero"
+    panel.controls["vocab"].value = 4096
+    assert panel.result["uniform"]["exact"] == 1 / 4096 / 524288
+    fig = panel.view.figure
+    assert [t.name for t in fig.data][0] == "p / N (exact)" and len(fig.layout.shapes) == 4

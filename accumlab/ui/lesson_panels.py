@@ -12,8 +12,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import ipywidgets as W
+import plotly.graph_objects as go
+import torch
 
-from accumlab.lab import large_batch
+from accumlab.lab import large_batch, underflow
 from accumlab.ui import viz
 from accumlab.ui.panel import Panel, dropdown, slider
 
@@ -97,4 +99,87 @@ def batch_picker_panel(train_run: Callable[..., dict], batches: Sequence[int],
     return panel
 
 
-__all__ = ["batch_picker_panel"]
+# ---------------------------------------------------------------- 08: fp16 underflow explorer
+
+VOCABULARIES = (4096, 32000, 50257, 128256)  # this course's, Llama 2's, GPT-2's, Llama 3's
+WINDOW_TOKENS = (128, 1024, 8192, 65536, 524288)
+PROBABILITIES = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
+LOSS_SCALES = {"none (1)": 1.0, "2^8": 2.0**8, "2^16 (torch's default)": 2.0**16,
+               "2^24": 2.0**24}
+
+
+def underflow_result(vocab: int, n_tokens: int, p: float, scale: str,
+                     shares: underflow.ZeroShares | None = None) -> dict:
+    """The explorer's data: the term p / N under the loss scale, the uniform share 1 / V as
+    a second term, and (given real probabilities) the share of entries that become 0."""
+    s = LOSS_SCALES[scale]
+    return {"term": underflow.fp16_term(p, n_tokens, s),
+            "uniform": underflow.fp16_term(1.0 / vocab, n_tokens, s), "vocab": vocab,
+            "zero_share": None if shares is None else shares(n_tokens, s),
+            "unscaled_zero_share": None if shares is None else shares(n_tokens)}
+
+
+def _fp16_line(r: dict) -> go.Figure:
+    """fp16's number line (log scale): zero, subnormal and normal ranges, and the terms."""
+    lo, hi = 1e-12, 1e6
+    regions = (("rounds to 0", lo, underflow.SMALLEST_SUBNORMAL / 2, "#f4c7c3"),
+               ("subnormal", underflow.SMALLEST_SUBNORMAL / 2, underflow.FP16.smallest_normal,
+                "#fce8b2"),
+               ("normal", underflow.FP16.smallest_normal, underflow.FP16.max, "#d9ead3"),
+               ("inf", underflow.FP16.max, hi, "#f4c7c3"))
+    shapes = [dict(type="rect", xref="x", yref="paper", x0=x0, x1=x1, y0=0, y1=1,
+                   fillcolor=color, line_width=0, layer="below")
+              for _, x0, x1, color in regions]
+    labels = [dict(x=math.log10(x0), y=1, xref="x", yref="paper", text=name, showarrow=False,
+                   xanchor="left", yanchor="top") for name, x0, _, _ in regions]
+    term, uniform = r["term"], r["uniform"]
+    points = (("p / N (exact)", term["exact"], "circle-open"),
+              ("S · p / N (what fp16 holds)", term["scaled"], "circle"),
+              (f"S / (V N), V = {r['vocab']:,}", uniform["scaled"], "diamond"))
+    data = [go.Scatter(x=[min(max(x, lo), hi)], y=[0], mode="markers", name=name,
+                       marker=dict(size=14, symbol=symbol)) for name, x, symbol in points]
+    return go.Figure(data=data, layout=dict(
+        shapes=shapes, annotations=labels, template=viz.TEMPLATE, height=260,
+        title="where the gradient term lands in fp16", yaxis=dict(visible=False, range=[-1, 1]),
+        xaxis=dict(type="log", range=[-12, 6], exponentformat="power", title="value")))
+
+
+def underflow_panel(vocab: int = 50257, n_tokens: int = 8192, p: float = 1e-5,
+                    scale: str = "none (1)", probs: torch.Tensor | None = None,
+                    **kwargs) -> Panel:
+    """Vocabulary V, window tokens N, a wrong token's probability p and the loss scale S ->
+    what fp16 stores for the logit's gradient term S·p/N, and whether it underflows.
+    `probs` (real next-token probabilities) adds the share of their terms that become 0."""
+    controls = {
+        "vocab": dropdown("vocabulary V", VOCABULARIES, vocab),
+        "n_tokens": slider("window tokens N", WINDOW_TOKENS, n_tokens),
+        "p": slider("probability p", PROBABILITIES, p),
+        "scale": dropdown("loss scale S", tuple(LOSS_SCALES), scale),
+    }
+
+    shares = None if probs is None else underflow.ZeroShares(probs)  # sorted once
+
+    def compute(vocab, n_tokens, p, scale):
+        return underflow_result(vocab, n_tokens, p, scale, shares)
+
+    def describe(r):
+        t, u = r["term"], r["uniform"]
+        verdict = {"zero": "<b style='color:#b00'>rounds to 0</b>: the gradient is lost",
+                   "subnormal": "<b style='color:#a60'>subnormal</b>: stored with few bits",
+                   "normal": "<b>normal</b>: stored with fp16's full 11 significant bits",
+                   "overflow": "<b style='color:#b00'>overflows to inf</b>: the scaler "
+                               "would skip this step and halve S"}[t["status"]]
+        text = (f"p / N = {t['exact']:.2e}; scaled by S = {t['loss_scale']:g}: "
+                f"{t['scaled']:.2e} → fp16 stores {t['stored']:.4g}, {verdict}; after "
+                f"unscaling, relative error {t['rel_error']:.1%}. The uniform share 1 / V = "
+                f"{1 / r['vocab']:.1e} gives a term {u['scaled']:.2e}: {u['status']}.")
+        if r["zero_share"] is not None:
+            text += (f" Of this lesson's real probabilities (section 1), "
+                     f"<b>{r['zero_share']:.1%}</b> give a zero term at this N and S "
+                     f"({r['unscaled_zero_share']:.1%} without scaling).")
+        return text
+
+    return Panel(controls, compute, describe, _fp16_line, **kwargs)
+
+
+__all__ = ["batch_picker_panel", "underflow_panel", "underflow_result"]
