@@ -243,7 +243,12 @@ class Window:
         return distributed.all_reduce_sum(value).reshape(())
 
     def step(self) -> WindowRecord:
-        """Clip, unscale, step the optimizer and scheduler, and zero gradients: once."""
+        """Clip, unscale, step the optimizer and scheduler, and zero gradients: once.
+
+        A loss or gradient norm that is not finite never reaches the weights: the gradients
+        are cleared and FloatingPointError is raised (under fp16 the GradScaler skips the
+        window instead, with a NonFiniteWarning). The host reads the loss and the norm once.
+        """
         acc = self.acc
         opt = acc.optimizer
         lr = float(opt.param_groups[0]["lr"]) if opt is not None else float("nan")
