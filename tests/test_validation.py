@@ -136,6 +136,19 @@ def test_tensors_and_numpy_arrays_pass_and_give_the_same_fingerprint():
     assert check_examples(data, limits, "causal_lm") != as_lists
 
 
+def test_examples_are_checked_in_chunks_and_named_by_their_index(monkeypatch):
+    import accumlab.engine.validate as validate
+
+    data = random_lm_data(20, seed=81)
+    limits = model_limits(make_model("gpt2", "tiny"))
+    whole = check_examples(data, limits, "causal_lm")
+    monkeypatch.setattr(validate, "CHUNK", 6)
+    assert check_examples(data, limits, "causal_lm") == whole  # the same data, the same print
+    data[13]["labels"][1] = 4096
+    with pytest.raises(ValueError, match=r"train_data example 13: labels\[1\] = 4096"):
+        check_examples(data, limits, "causal_lm")
+
+
 def test_validate_data_off_skips_the_example_checks():
     data = random_lm_data(8, seed=77)
     data[3]["labels"].append(5)  # one label too many: the collator cuts it

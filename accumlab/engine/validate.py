@@ -22,6 +22,7 @@ import torch
 
 from accumlab.engine.losses import IGNORE_INDEX
 
+CHUNK = 8192  # examples checked together: bounded memory on a large dataset
 HOOKS = ("on_train_begin", "on_step_end", "on_evaluate", "on_train_end")
 TASK_METRICS = {"classification": ("loss", "accuracy", "f1"),
                 "causal_lm": ("loss", "perplexity"), "masked_lm": ("loss", "perplexity")}
@@ -103,50 +104,73 @@ def check_examples(data: Sequence, limits: ModelLimits, task: str, name: str = "
                    need_scored: bool = False) -> str:
     """Check every example; raise naming the first bad one. Returns a fingerprint of the data.
 
+    Reads CHUNK examples at a time, so memory stays bounded on a large dataset.
     `need_scored`: also raise when every label is -100 (nothing to score).
     """
-    examples = [data[i] for i in range(len(data))]
+    hashes = [hashlib.sha256() for _ in range(3)]  # lengths, ids, labels: chunking-independent
+    scored = False
+    for start in range(0, len(data), CHUNK):
+        examples = [data[i] for i in range(start, min(start + CHUNK, len(data)))]
+        try:
+            scored |= _check_chunk(examples, limits, task, hashes)
+        except _Bad as bad:
+            raise ValueError(f"{name} example {start + bad.index}{bad.text}") from None
+    if need_scored and not scored:
+        raise ValueError(f"every label of {name} is -100: there is nothing to evaluate")
+    return hashlib.sha256(b"".join(h.digest() for h in hashes)).hexdigest()[:16]
+
+
+class _Bad(Exception):
+    """Example `index` of a chunk is bad; `text` follows "<name> example <i>"."""
+
+    def __init__(self, index: int, text: str):
+        super().__init__(text)
+        self.index, self.text = index, text
+
+
+def _check_chunk(examples: list, limits: ModelLimits, task: str, hashes: list) -> bool:
+    """Check a run of examples and add them to the fingerprint; True if any label is scored."""
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping):
-            raise ValueError(f"{name} example {i} is a {type(ex).__name__}, not a dict with "
-                             "'input_ids' and 'labels'")
+            raise _Bad(i, f" is a {type(ex).__name__}, not a dict with 'input_ids' and 'labels'")
         for key in ("input_ids", "labels"):
             if key not in ex:
-                raise ValueError(f"{name} example {i} has no {key!r} (its keys: "
-                                 f"{sorted(map(str, ex))}): every example needs one")
-    ids, lengths = _flatten([ex["input_ids"] for ex in examples], name, "input_ids")
+                raise _Bad(i, f" has no {key!r} (its keys: {sorted(map(str, ex))}): every "
+                              "example needs one")
+    ids, lengths = _flatten([ex["input_ids"] for ex in examples], "input_ids")
     if (lengths == 0).any():
-        raise ValueError(f"{name} example {_first(lengths == 0)}: input_ids is empty")
-    _check_range(ids, lengths, name, "input_ids", limits.vocab, "the vocabulary")
-    _check_positions(examples, lengths, limits.positions, name)
-    _check_mask_lengths(examples, lengths, name)
+        raise _Bad(_first(lengths == 0), ": input_ids is empty")
+    _check_range(ids, lengths, "input_ids", limits.vocab, "the vocabulary")
+    _check_positions(examples, lengths, limits.positions)
+    for i, ex in enumerate(examples):
+        mask = ex.get("attention_mask")
+        if mask is not None and len(mask) != int(lengths[i]):
+            raise _Bad(i, f": attention_mask has {len(mask)} entries but input_ids has "
+                          f"{int(lengths[i])}")
     if task == "classification":
-        labels = _class_labels([ex["labels"] for ex in examples], name)
-        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (limits.num_labels or 2**62)))
+        labels = _class_labels([ex["labels"] for ex in examples])
+        classes = limits.num_labels
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= (classes or 2**62)))
         if bad.any():
             i = _first(bad)
-            raise ValueError(f"{name} example {i}: labels = {int(labels[i])} is not a class of "
-                             f"the model, which has num_labels={limits.num_labels} (0 to "
-                             f"{limits.num_labels - 1}; -100 to ignore)")
+            raise _Bad(i, f": labels = {int(labels[i])} is not a class of the model, which has "
+                          f"num_labels={classes} (0 to {classes - 1}; -100 to ignore)")
+        scored = labels != IGNORE_INDEX
     else:
-        labels, label_lengths = _flatten([ex["labels"] for ex in examples], name, "labels")
+        labels, label_lengths = _flatten([ex["labels"] for ex in examples], "labels")
         if not np.array_equal(label_lengths, lengths):
             i = _first(label_lengths != lengths)
-            raise ValueError(f"{name} example {i}: labels has {int(label_lengths[i])} entries "
-                             f"but input_ids has {int(lengths[i])}: they must line up token by "
-                             "token (-100 where there is no loss)")
-        _check_range(labels, lengths, name, "labels", limits.vocab, "the vocabulary",
+            raise _Bad(i, f": labels has {int(label_lengths[i])} entries but input_ids has "
+                          f"{int(lengths[i])}: they must line up token by token (-100 where "
+                          "there is no loss)")
+        _check_range(labels, lengths, "labels", limits.vocab, "the vocabulary",
                      allow=IGNORE_INDEX)
-    if need_scored:
         scored = labels != IGNORE_INDEX
         if task == "causal_lm":  # the first token of each example predicts nothing
             scored[np.cumsum(lengths) - lengths] = False
-        if not scored.any():
-            raise ValueError(f"every label of {name} is -100: there is nothing to evaluate")
-    h = hashlib.sha256()
-    for a in (lengths, ids, labels):
+    for h, a in zip(hashes, (lengths, ids, labels)):
         h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
+    return bool(scored.any())
 
 
 def check_eval_data(data, limits: ModelLimits, task: str, eval_metric: str,
@@ -218,7 +242,7 @@ def _array(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _flatten(seqs: list, name: str, field: str) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(seqs: list, field: str) -> tuple[np.ndarray, np.ndarray]:
     """All sequences as one flat int64 array, and their lengths; names the first bad one."""
     try:
         lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
@@ -232,30 +256,28 @@ def _flatten(seqs: list, name: str, field: str) -> tuple[np.ndarray, np.ndarray]
     except (TypeError, ValueError, RuntimeError, OverflowError):
         ok = False
     if not ok:
-        _raise_first_bad_sequence(seqs, name, field)
+        _raise_first_bad_sequence(seqs, field)
     return flat.astype(np.int64, copy=False), lengths
 
 
-def _raise_first_bad_sequence(seqs: list, name: str, field: str) -> None:
+def _raise_first_bad_sequence(seqs: list, field: str) -> None:
     for i, s in enumerate(seqs):
-        where = f"{name} example {i}: {field}"
         if isinstance(s, (str, bytes, Mapping)) or not hasattr(s, "__len__"):
-            raise ValueError(f"{where} must be a list of integer token ids, got "
-                             f"{type(s).__name__} {str(s)[:40]!r}")
-        values = _as_list(s)
-        for j, v in enumerate(values):
+            raise _Bad(i, f": {field} must be a list of integer token ids, got "
+                          f"{type(s).__name__} {str(s)[:40]!r}")
+        for j, v in enumerate(_as_list(s)):
             if isinstance(v, list):
-                raise ValueError(f"{where} must be a flat list of token ids, but it holds a "
-                                 f"list at [{j}]: drop the batch dimension")
+                raise _Bad(i, f": {field} must be a flat list of token ids, but it holds a list "
+                              f"at [{j}]: drop the batch dimension")
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{where}[{j}] = {v!r} is not an integer: token ids must be "
-                                 "integers")
+                raise _Bad(i, f": {field}[{j}] = {v!r} is not an integer: token ids must be "
+                              "integers")
             if not -2**63 <= v < 2**63:
-                raise ValueError(f"{where}[{j}] = {v} is not a token id")
-    raise ValueError(f"{name}: {field} could not be read as integer token ids")
+                raise _Bad(i, f": {field}[{j}] = {v} is not a token id")
+    raise ValueError(f"{field} could not be read as integer token ids")
 
 
-def _check_range(flat, lengths, name, field, limit, what, allow: int | None = None) -> None:
+def _check_range(flat, lengths, field, limit, what, allow: int | None = None) -> None:
     bad = flat < 0
     if limit is not None:
         bad |= flat >= limit
@@ -267,39 +289,30 @@ def _check_range(flat, lengths, name, field, limit, what, allow: int | None = No
         i = int(np.searchsorted(ends, pos, side="right"))
         j = pos - int(ends[i] - lengths[i])
         allowed = f" (or {allow} to ignore)" if allow is not None else ""
-        raise ValueError(f"{name} example {i}: {field}[{j}] = {int(flat[pos])} is outside "
-                         f"{what} [0, {limit}){allowed} of the model")
+        raise _Bad(i, f": {field}[{j}] = {int(flat[pos])} is outside {what} [0, {limit})"
+                      f"{allowed} of the model")
 
 
-def _check_positions(examples, lengths, limit, name) -> None:
+def _check_positions(examples, lengths, limit) -> None:
     if limit is None:
         return
     if "position_ids" in examples[0]:  # packed rows: positions restart at each document
-        pos, pos_lengths = _flatten([ex["position_ids"] for ex in examples], name,
-                                    "position_ids")
+        pos, pos_lengths = _flatten([ex["position_ids"] for ex in examples], "position_ids")
         if not np.array_equal(pos_lengths, lengths):
             i = _first(pos_lengths != lengths)
-            raise ValueError(f"{name} example {i}: position_ids has {int(pos_lengths[i])} "
-                             f"entries but input_ids has {int(lengths[i])}")
-        _check_range(pos, lengths, name, "position_ids", limit, "the positions")
+            raise _Bad(i, f": position_ids has {int(pos_lengths[i])} entries but input_ids has "
+                          f"{int(lengths[i])}")
+        _check_range(pos, lengths, "position_ids", limit, "the positions")
         return
     too_long = lengths > limit
     if too_long.any():
         i = _first(too_long)
-        raise ValueError(f"{name} example {i}: input_ids has {int(lengths[i])} tokens, more than "
-                         f"the model's {limit} positions: cut the examples to at most {limit} "
-                         "tokens (e.g. lm_examples(max_length=...)) or pack them")
+        raise _Bad(i, f": input_ids has {int(lengths[i])} tokens, more than the model's {limit} "
+                      f"positions: cut the examples to at most {limit} tokens (e.g. "
+                      "lm_examples(max_length=...)) or pack them")
 
 
-def _check_mask_lengths(examples, lengths, name) -> None:
-    for i, ex in enumerate(examples):
-        mask = ex.get("attention_mask")
-        if mask is not None and len(mask) != int(lengths[i]):
-            raise ValueError(f"{name} example {i}: attention_mask has {len(mask)} entries but "
-                             f"input_ids has {int(lengths[i])}")
-
-
-def _class_labels(labels: list, name: str) -> np.ndarray:
+def _class_labels(labels: list) -> np.ndarray:
     try:
         t = np.array([int(y) if isinstance(y, torch.Tensor) and y.dim() == 0
                       and not y.is_floating_point() else y for y in labels])
@@ -310,6 +323,6 @@ def _class_labels(labels: list, name: str) -> np.ndarray:
     for i, y in enumerate(labels):
         if isinstance(y, (bool, np.bool_)) or not isinstance(y, (int, np.integer)) and not (
                 isinstance(y, torch.Tensor) and y.dim() == 0 and not y.is_floating_point()):
-            raise ValueError(f"{name} example {i}: labels = {str(y)[:40]} must be one integer "
-                             "class index for classification")
-    raise ValueError(f"{name}: labels could not be read as integer class indices")
+            raise _Bad(i, f": labels = {str(y)[:40]} must be one integer class index for "
+                          "classification")
+    raise ValueError("labels could not be read as integer class indices")
