@@ -98,12 +98,16 @@ def test_peak_flops_by_device_name_and_mfu():
     assert throughput.mfu(379_000, 0.86e9, 989e12) == pytest.approx(0.3296, rel=1e-3)
 
 
-def test_accum_steps_round_up_to_reach_the_target():
+def test_accum_steps_give_exactly_the_target_or_say_why_not():
     from accumlab.lab import throughput
 
     assert throughput.accum_steps_for(64, 16) == 4
-    assert throughput.accum_steps_for(64, 24) == 3
     assert throughput.accum_steps_for(64, 8, ranks=2) == 4
+    with pytest.raises(ValueError, match="does not divide 64 sequences: k = 2 or 3 gives an "
+                                         "effective batch of 48 or 72"):
+        throughput.accum_steps_for(64, 24)
+    with pytest.raises(ValueError, match="one micro-batch already holds 16 sequences"):
+        throughput.accum_steps_for(8, 16)
     with pytest.raises(ValueError, match=">= 1"):
         throughput.accum_steps_for(64, 0)
 
@@ -118,6 +122,11 @@ def test_fastest_fitting_ignores_sizes_that_did_not_fit():
     assert throughput.fastest_fitting(records)["micro_batch"] == 8
     with pytest.raises(ValueError, match="no micro-batch fitted"):
         throughput.fastest_fitting(records[3:])
+    # only sizes that divide the target batch: of 4, 8 and 16 only 4 divides 20
+    assert throughput.fastest_fitting(records, divides=20)["micro_batch"] == 4
+    assert throughput.fastest_fitting(records, divides=16, ranks=2)["micro_batch"] == 8
+    with pytest.raises(ValueError, match="that divides 6 sequences"):
+        throughput.fastest_fitting(records, divides=6)
 
 
 def test_try_micro_batches_measures_each_size_and_a_budget_rules_sizes_out():

@@ -146,16 +146,36 @@ def try_micro_batches(
     return records
 
 
-def fastest_fitting(records: Sequence[dict]) -> dict:
-    """The record of `try_micro_batches` with the highest tokens/s among those that fit."""
+def fastest_fitting(records: Sequence[dict], divides: int | None = None,
+                    ranks: int = 1) -> dict:
+    """The record of `try_micro_batches` with the highest tokens/s among those that fit; with
+    `divides`, only among micro-batches b for which b x ranks divides that many sequences, so
+    that `accum_steps_for(divides, b, ranks)` gives exactly that effective batch."""
     fitting = [r for r in records if r["fits"]]
+    if divides is not None:
+        fitting = [r for r in fitting if divides % (r["micro_batch"] * ranks) == 0]
     if not fitting:
-        raise ValueError("no micro-batch fitted: try smaller candidates or a shorter sequence")
+        raise ValueError("no micro-batch fitted" + (f" that divides {divides} sequences" if
+                                                    divides is not None else "")
+                         + ": try smaller candidates or a shorter sequence")
     return max(fitting, key=lambda r: r["tokens_per_s"])
 
 
 def accum_steps_for(target_sequences: int, micro_batch: int, ranks: int = 1) -> int:
-    """Accumulation steps k so that micro x k x ranks reaches `target_sequences` (rounded up)."""
+    """Accumulation steps k with micro_batch x k x ranks = `target_sequences` exactly.
+
+    A micro-batch that does not divide the target gives no such k: the error names the
+    effective batches the nearest k would give instead, so the choice stays the caller's.
+    """
     if micro_batch < 1 or ranks < 1 or target_sequences < 1:
         raise ValueError("target_sequences, micro_batch and ranks must all be >= 1")
-    return -(-target_sequences // (micro_batch * ranks))
+    per_step = micro_batch * ranks
+    k, rest = divmod(target_sequences, per_step)
+    if rest:
+        nearest = (f"k = {k} or {k + 1} gives an effective batch of {k * per_step} or "
+                   f"{(k + 1) * per_step}" if k else
+                   f"one micro-batch already holds {per_step} sequences")
+        raise ValueError(f"micro-batch {micro_batch} x {ranks} rank(s) does not divide "
+                         f"{target_sequences} sequences: {nearest}; pick a micro-batch that "
+                         "divides the target, or change the target")
+    return k
