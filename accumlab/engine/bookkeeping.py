@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from accumlab.engine.checkpoint import (
+    CheckpointError,
     CheckpointWarning,
     latest_checkpoint,
     load_checkpoint,
@@ -22,9 +23,15 @@ from accumlab.engine.checkpoint import (
     save_checkpoint,
 )
 from accumlab.engine.config import RESUME_FIELDS, TrainConfig
+from accumlab.engine.distributed import is_main_process
 from accumlab.engine.evaluation import evaluate
 from accumlab.engine.metrics import HIGHER_IS_BETTER
 from accumlab.engine.setup import default_collate
+from accumlab.engine.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+)
 
 
 def noise_entry(noise, record) -> dict:
@@ -100,7 +107,9 @@ def save_run(cfg, name, model, optimizer, scheduler, scaler, step, epoch, positi
     """Checkpoint the run; its history stays in the run log (`log`), named by length and
     checksum, so that state.json does not grow with every step."""
     micro_done, tokens_seen, noise = position
-    check_finite_weights(model, step)
+    sharded = cfg.parallel == "fsdp"  # every rank writes its shards, and checks them
+    if not sharded:
+        check_finite_weights(model, step)
     log.sync()
     eval_state = {k: v for k, v in tracker.state.items() if k != "evals"}  # in the history
     state = {"step": step, "epoch": epoch, "micro_done": micro_done, "tokens_seen": tokens_seen,
@@ -108,10 +117,10 @@ def save_run(cfg, name, model, optimizer, scheduler, scaler, step, epoch, positi
              "noise_state": noise.state_dict() if noise is not None else None,
              "config": cfg.to_dict(), "history": log.position(), "eval_state": eval_state,
              "data": data}
-    path = save_checkpoint(cfg.checkpoint_dir, name, model=model, optimizer=optimizer,
-                           scheduler=scheduler, scaler=scaler, state=state,
-                           update_latest=latest, link=not latest)
-    if latest:
+    save = save_sharded_checkpoint if sharded else save_checkpoint
+    path = save(cfg.checkpoint_dir, name, model=model, optimizer=optimizer, scheduler=scheduler,
+                scaler=scaler, state=state, update_latest=latest, link=not latest)
+    if latest and is_main_process():
         prune_checkpoints(cfg.checkpoint_dir, cfg.keep_last)
     return path
 
@@ -212,13 +221,23 @@ def resume_run(cfg, model, optimizer, scheduler, scaler, data: dict | None = Non
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {cfg.checkpoint_dir} to resume from")
         path = found
-    state = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler,
-                            scaler=scaler, expected=resume_fields(cfg), data=data)
+    load = load_checkpoint
+    if cfg.parallel == "fsdp" or is_sharded_checkpoint(path):  # says what to do on a mismatch
+        load = load_sharded_checkpoint if cfg.parallel == "fsdp" else _sharded_needs_fsdp
+    state = load(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                 expected=resume_fields(cfg), data=data)
     history = read_history(Path(path), state.get("history"))
     state["history"] = history
     state["eval_state"]["evals"] = [{"step": e["step"], **e["eval"]} for e in history
                                     if "eval" in e]
     return state
+
+
+def _sharded_needs_fsdp(path, **_) -> dict:
+    raise CheckpointError(
+        f"{path} is a sharded checkpoint of an FSDP run: resume it with parallel='fsdp' on as "
+        "many ranks as wrote it, or start from its weights with "
+        "accumlab.engine.sharded_checkpoint.load_consolidated")
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -255,7 +274,9 @@ class FunctionCallback:
 
 
 def as_callback(c):
-    return FunctionCallback(c) if callable(c) and not hasattr(c, "on_step_end") else c
+    """A function of the step record becomes an on_step_end hook; objects with hooks stay."""
+    hooks = ("on_train_begin", "on_step_end", "on_evaluate", "on_train_end")
+    return FunctionCallback(c) if callable(c) and not any(hasattr(c, h) for h in hooks) else c
 
 
 def notify(callbacks, event: str, payload) -> None:
