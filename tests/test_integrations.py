@@ -119,6 +119,21 @@ def test_exact_trainer_takes_accumlabs_steps(name, optim):
     assert max(diffs) < EXACT
 
 
+def test_exact_trainer_samples_normalization_takes_accumlabs_steps():
+    """normalization="samples": every sequence weighs the same (its mean token loss)."""
+    model, data = build("gpt2_stock")
+    start = semantics.params_vector(model)
+    kw = {"micro": MICRO, "accum": ACCUM, "lr": 0.05}
+    ours = semantics.accumlab_steps(copy.deepcopy(model), data, precision="fp64",
+                                    loss_normalization="samples", **kw)
+    exact, _ = semantics.trainer_steps(copy.deepcopy(model), data, **kw,
+                                       trainer_cls=functools.partial(ExactTrainer,
+                                                                     normalization="samples"))
+    tokens, _ = run("gpt2_stock", "sgd", "accumlab")
+    assert max(update_rel(e, o, start) for e, o in zip(exact, ours)) < EXACT
+    assert update_rel(tokens[-1], ours[-1], start) > 1e-3  # a different target than tokens
+
+
 def test_plain_trainer_bert_classification_is_k_times_too_large_per_window():
     """The head ignores num_items_in_batch; the Trainer skips / GA: x3, x3, x1 on 3, 3, 1."""
     plain, _ = run("bert_cls", "sgd", "plain")
@@ -179,6 +194,23 @@ def test_loss_ignores_item_count_probe():
     assert loss_ignores_item_count(gpt2, lm_batch, "causal_lm") is False
     gpt2.accepts_loss_kwargs = False  # the Trainer then never passes a count
     assert loss_ignores_item_count(gpt2, lm_batch, "causal_lm") is None
+
+
+def test_exact_trainer_refuses_what_its_cross_entropy_would_get_wrong(tmp_path):
+    from transformers import TrainingArguments
+
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **kw)
+
+    bert = make_model("bert", "tiny", num_labels=3, seed=0)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0"):
+        ExactTrainer(model=bert, args=args(label_smoothing_factor=0.1))
+    with pytest.raises(ValueError, match="drop compute_loss_func"):
+        ExactTrainer(model=bert, args=args(), compute_loss_func=lambda *a, **k: 0)
+    with pytest.raises(ValueError, match="regression"):
+        ExactTrainer(model=make_model("bert", "tiny", num_labels=1, seed=0), args=args())
+    with pytest.raises(ValueError, match="'tokens' or 'samples'"):
+        ExactTrainer(model=bert, args=args(), normalization="mean_of_means")
 
 
 @pytest.mark.filterwarnings("ignore::accumlab.integrations.ItemCountIgnoredWarning")

@@ -57,9 +57,25 @@ class ExactLossMixin:
         super().__init__(*args, **kwargs)
         self.task = task or detect_task(self.model)
         self.normalization = normalization
+        self._check_supported()
         self._probe_pending = True
         if not _HAS_SCALED_FLAG:
             self.model_accepts_loss_kwargs = True
+
+    def _check_supported(self) -> None:
+        """The loss here is plain cross-entropy over labels: say so when the run wants more."""
+        config = getattr(self.model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        if self.task == "classification" and (
+                problem in ("regression", "multi_label_classification")
+                or getattr(config, "num_labels", 2) == 1):
+            raise ValueError(f"ExactTrainer computes cross-entropy over class labels; this model "
+                             f"is set up for {problem or 'regression (num_labels=1)'}")
+        if self.args.label_smoothing_factor:
+            raise ValueError("ExactTrainer computes plain cross-entropy: set "
+                             "label_smoothing_factor=0")
+        if self.compute_loss_func is not None:
+            raise ValueError("ExactTrainer computes the loss itself: drop compute_loss_func")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Prefetch up to `num_batches` micro-batches; N = their items, summed over processes."""
@@ -71,6 +87,9 @@ class ExactLossMixin:
                 break
         if not batches:
             return batches, None
+        if any("shift_labels" in b for b in batches):
+            raise ValueError("ExactTrainer shifts causal-LM labels itself: give `labels`, not "
+                             "`shift_labels` (padding-free collators are not supported)")
         if any("labels" not in b for b in batches):
             raise ValueError("ExactTrainer needs `labels` in every batch: the collator must "
                              "return them (-100 where no loss is taken)")
