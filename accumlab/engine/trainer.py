@@ -42,6 +42,7 @@ from accumlab.engine.bookkeeping import (
 )
 from accumlab.engine.checkpoint import remove_debris
 from accumlab.engine.config import TrainConfig
+from accumlab.engine.fsdp import check_launch
 from accumlab.engine.losses import IGNORE_INDEX, detect_task
 from accumlab.engine.noise import NoiseScale
 from accumlab.engine.precision import Precision, resolve_device
@@ -56,7 +57,13 @@ from accumlab.engine.setup import (
     to_device,
     wrap_for_training,
 )
-from accumlab.engine.validate import check_callbacks, check_dataset, check_inputs, check_run
+from accumlab.engine.validate import (
+    check_callbacks,
+    check_checkpoint_dir,
+    check_dataset,
+    check_inputs,
+    check_run,
+)
 from accumlab.engine.window import Accumulator
 
 
@@ -112,6 +119,7 @@ def train(
     check_dataset(train_data, "train_data", cfg.micro_batch_size)
     callbacks = [as_callback(c) for c in check_callbacks(callbacks)]
     distributed.init_from_env(timeout_s=cfg.collective_timeout_s)  # under torchrun
+    check_launch(cfg)  # parallel="fsdp" needs torchrun ranks
     if cfg.micro_batch_tokens and distributed.world_size() > 1:
         raise ValueError("micro_batch_tokens (token-budget batching) gives ranks different "
                          "numbers of micro-batches, which DDP cannot step together: use a "
@@ -128,6 +136,7 @@ def train(
         distributed.explain_failure(e, "before the first step", cfg.collective_timeout_s)
         raise
     main = distributed.is_main_process()
+    writes = main or cfg.parallel == "fsdp"  # sharded checkpoints: every rank writes its shards
 
     model.to(device=device, dtype=precision.param_dtype)
     model.train()
@@ -172,6 +181,7 @@ def train(
     data_id = {"examples": len(train_data), "fingerprint": fingerprint}
     if cfg.checkpoint_dir and main:
         remove_debris(cfg.checkpoint_dir)  # folders a crash left half-written
+        check_checkpoint_dir(cfg)
     if cfg.resume_from:
         saved = resume_run(cfg, model, optimizer, scheduler, scaler, data_id)
         step, epoch, history = saved["step"], saved["epoch"], saved["history"]
@@ -259,10 +269,10 @@ def train(
                 run_log.append(entry)
                 log_entry(cfg, main, entry, bar)
                 where = (micro_done, tokens_seen, noise)
-                if improved and cfg.checkpoint_dir and main:
+                if improved and cfg.checkpoint_dir and writes:
                     save_run(cfg, "best", model, optimizer, scheduler, scaler, step, epoch, where,
                              run_log, tracker, data_id, latest=False)
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and main
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and writes
                         and record.stepped):
                     save_run(cfg, f"step-{step:08d}", model, optimizer, scheduler, scaler, step,
                              epoch, where, run_log, tracker, data_id)

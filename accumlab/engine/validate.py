@@ -20,6 +20,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from accumlab.engine.checkpoint import step_checkpoints
 from accumlab.engine.losses import IGNORE_INDEX
 
 CHUNK = 8192  # examples checked together: bounded memory on a large dataset
@@ -228,6 +229,18 @@ def check_run(cfg, total_steps: int, micro_per_epoch: int, ranks: int) -> int:
             f"of an epoch{per_rank}: every window holds only {micro_per_epoch}{batch}. Lower "
             "accum_steps or add data", ConfigWarning, stacklevel=3)
     return used
+
+
+def check_checkpoint_dir(cfg) -> None:
+    """Warn when a new run (not resuming) writes beside another run's step checkpoints."""
+    if not cfg.checkpoint_dir or cfg.resume_from:
+        return
+    others = step_checkpoints(cfg.checkpoint_dir)
+    if others:
+        warnings.warn(f"checkpoint_dir {cfg.checkpoint_dir} already holds step checkpoints "
+                      f"({others[-1].name} the newest): this new run writes beside them, and "
+                      "keep_last counts them too. Use a new checkpoint_dir, or resume with "
+                      "resume_from='latest'", ConfigWarning, stacklevel=3)
 
 
 def _as_list(x) -> list:
