@@ -28,6 +28,7 @@ CHOICES = {
     "task": ("auto",) + C.TASKS,
     "eval_metric": C.EVAL_METRICS,
     "lr_scaling": C.LR_SCALINGS,
+    "parallel": C.PARALLEL,
 }
 
 # What each field means, as `accumlab train --help` shows it (allowed values and the default
@@ -84,6 +85,10 @@ MEANING = {
     "collective_timeout_s": "DDP: seconds a rank waits for the others before it stops with "
                             "an error",
     "validate_data": "check every example's ids, lengths and labels before training",
+    "parallel": "under torchrun: ddp replicates the model on every rank, fsdp shards "
+                "weights, gradients and optimizer states over the ranks",
+    "sync_every_micro_batch": "fsdp: reduce-scatter gradients after every micro-batch "
+                              "(less memory, k times the traffic), not once per window",
 }
 
 

@@ -14,10 +14,11 @@ DEVICES = ("auto", "cpu", "cuda")
 LR_SCALINGS = ("none", "linear", "sqrt")
 EVAL_METRICS = ("loss", "accuracy", "f1", "perplexity")
 BOOLEANS = ("shuffle", "compile", "progress", "noise_scale", "gradient_checkpointing",
-            "validate_data")
+            "validate_data", "sync_every_micro_batch")
 TASKS = ("causal_lm", "masked_lm", "classification")
 NORMALIZATIONS = ("tokens", "samples", "mean_of_means")
 PARTIAL_WINDOW_POLICIES = ("step", "drop")
+PARALLEL = ("ddp", "fsdp")
 
 # Fields that change the arithmetic of a run: a checkpoint made under other values can't resume.
 RESUME_FIELDS = (
@@ -81,6 +82,9 @@ class TrainConfig:
     keep_last: int | None = 3  # step checkpoints kept (plus "best"); None keeps them all
     collective_timeout_s: float = 300.0  # DDP: a rank waiting this long on the others stops
     validate_data: bool = True  # check every example's ids, lengths and labels before training
+    # under torchrun: "ddp" replicates the model, "fsdp" shards it (accumlab.engine.fsdp)
+    parallel: str = "ddp"
+    sync_every_micro_batch: bool = False  # fsdp: reduce-scatter every micro-batch, not once
 
     def __post_init__(self):
         for name in ("lr", "weight_decay", "momentum", "min_lr_ratio", "clip_grad_norm",
@@ -131,6 +135,8 @@ class TrainConfig:
         _choice(self, "device", DEVICES)
         _choice(self, "task", ("auto",) + TASKS)
         _choice(self, "eval_metric", EVAL_METRICS)
+        _choice(self, "parallel", PARALLEL)
+        _check_fsdp(self)
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(
                 f"TrainConfig.clip_grad_norm must be > 0 or None (off), got {self.clip_grad_norm}"
@@ -203,6 +209,23 @@ def _number(cfg: TrainConfig, name: str) -> None:
         raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}{hint}")
     if math.isnan(value):
         raise ValueError(f"TrainConfig.{name} must be a number, got nan")
+
+
+def _check_fsdp(cfg: TrainConfig) -> None:
+    if cfg.sync_every_micro_batch and cfg.parallel != "fsdp":
+        raise ValueError("TrainConfig.sync_every_micro_batch applies to parallel='fsdp' (DDP "
+                         "always syncs once per window): set parallel='fsdp' or leave it False")
+    if cfg.parallel != "fsdp":
+        return
+    if cfg.precision == "fp16":
+        raise ValueError("parallel='fsdp' runs fp64, fp32 or bf16 (bf16 through FSDP's "
+                         "MixedPrecisionPolicy, gradients reduced in float32); fp16 would need "
+                         "a sharded GradScaler: use precision='bf16'")
+    for name, why in (("compile", "torch.compile of a sharded model is not wired up here"),
+                      ("noise_scale", "between micro-batches the sharded gradient is not in "
+                                      ".grad")):
+        if getattr(cfg, name):
+            raise ValueError(f"parallel='fsdp' does not support {name}=True ({why}): turn it off")
 
 
 def _betas(betas) -> None:

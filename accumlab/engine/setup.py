@@ -22,6 +22,10 @@ def pad_token_id(model: torch.nn.Module, cfg: TrainConfig) -> int:
 
 def wrap_for_training(model: torch.nn.Module, device: torch.device, cfg: TrainConfig):
     net = model
+    if cfg.parallel == "fsdp":  # sharded in place: `model` is the wrapped module
+        from accumlab.engine.fsdp import shard_model
+
+        return shard_model(model, device, cfg)
     if distributed.is_distributed():
         from torch.nn.parallel import DistributedDataParallel
 
@@ -81,7 +85,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
-    fused = device.type == "cuda"
+    fused = device.type == "cuda" and cfg.parallel != "fsdp"  # foreach for sharded DTensors
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, fused=fused or None)
 
 

@@ -277,6 +277,8 @@ class Window:
             norm = torch.nn.utils.clip_grad_norm_(params, acc.clip_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # FSDP: the global norm of the sharded gradient
+            norm = norm.full_tensor()
         if scaler is not None:
             return self._scaled_step(loss_t, norm, lr)
         # A fused optimizer skips its update on device when found_inf is 1, so the host reads
