@@ -222,6 +222,8 @@ def equivalence_panel(model: torch.nn.Module,
     panel = None
 
     def progress(message):
+        if "fp16" in message and torch.device(device).type == "cpu":
+            message += " (fp16 is slow on a CPU: it has no fast fp16 matrix kernels)"
         panel.status.value = f"<i>running… {html.escape(message)}</i>"
 
     def compute(k, precision, seq_len=None, n_examples=None):
