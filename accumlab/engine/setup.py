@@ -31,8 +31,8 @@ def wrap_for_training(model: torch.nn.Module, device: torch.device, cfg: TrainCo
 
         ids = [device.index or torch.cuda.current_device()] if device.type == "cuda" else None
         net = DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        net = torch.compile(net)
+    if cfg.compile and distributed.is_distributed():
+        net = torch.compile(net)  # one process: accumlab.engine.compiled compiles the micro-step
     return net
 
 
@@ -69,10 +69,11 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
         old(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The model inputs of a micro-batch on `device`; on CUDA copied from pinned memory without
-    blocking, so that a window's copies overlap the compute already queued."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+def to_device(batch: dict, device: torch.device, labels: bool = False) -> dict:
+    """The model inputs (and `labels`, if asked) of a micro-batch on `device`; on CUDA copied
+    from pinned memory without blocking, so that a window's copies overlap the compute already
+    queued."""
+    inputs = {k: v for k, v in batch.items() if labels or k != "labels"}
     if device.type != "cuda":
         return {k: v.to(device) for k, v in inputs.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in inputs.items()}

@@ -41,6 +41,7 @@ from accumlab.engine.bookkeeping import (
     save_run,
 )
 from accumlab.engine.checkpoint import remove_debris
+from accumlab.engine.compiled import make_micro_step
 from accumlab.engine.config import TrainConfig
 from accumlab.engine.fsdp import check_launch
 from accumlab.engine.losses import IGNORE_INDEX, detect_task
@@ -54,7 +55,6 @@ from accumlab.engine.setup import (
     mean_length,
     pad_token_id,
     real_tokens,
-    to_device,
     wrap_for_training,
 )
 from accumlab.engine.validate import (
@@ -146,6 +146,7 @@ def train(
     net = wrap_for_training(model, device, cfg)
     ranks = distributed.world_size()
     collate = collate or default_collate(train_data, pad_id, precision)
+    micro_step = make_micro_step(model, net, task, cfg, precision, pad_id=pad_id, data=train_data)
 
     def epoch_groups(epoch: int) -> list[list[int]]:  # example indices of each micro-batch
         order = epoch_order(len(train_data), epoch, shuffle=cfg.shuffle, seed=cfg.seed)
@@ -230,12 +231,11 @@ def train(
             for window in engine.windows(batches, sizes=next_window_size):
                 t0 = time.perf_counter()
                 tokens = sum(real_tokens(b, pad_id) for b in window.micro_batches)
-                on_device = [to_device(b, device) for b in window.micro_batches]  # copies queued
+                on_device = [micro_step.to_device(micro_step.prepare(b), device)
+                             for b in window.micro_batches]  # copies queued
                 with _explain_oom(cfg, step):
-                    for i, batch in enumerate(window):
-                        with precision.autocast():
-                            logits = net(**on_device[i]).logits
-                        window.backward(window.loss(logits, batch["labels"]))
+                    for i, batch in enumerate(window):  # autocast forward, loss / N
+                        window.backward(micro_step(window, on_device[i], batch["labels"]))
                     record = _guarded_step(window, step)
                 micro_done += len(window)
                 tokens_seen += tokens * ranks

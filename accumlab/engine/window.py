@@ -195,7 +195,16 @@ class Window:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """This micro-batch's share of L_W, ready for backward (scaled for DDP averaging)."""
         acc = self.acc
-        total = summed_loss(logits, labels, acc.task, acc.normalization, acc.loss_chunk_size)
+        return self.share(summed_loss(logits, labels, acc.task, acc.normalization,
+                                      acc.loss_chunk_size))
+
+    def share(self, total: torch.Tensor) -> torch.Tensor:
+        """The share of L_W of a micro-batch whose summed item loss is `total`.
+
+        `total` is what `losses.summed_loss` returns (a compiled micro-step computes it in its
+        own graph); dividing by N here keeps N out of that graph, so a new N never recompiles.
+        """
+        acc = self.acc
         if acc.normalization == "mean_of_means":
             n_j = self.item_counts[self._index]
             share = total / max(n_j, 1) / len(self.micro_batches)
