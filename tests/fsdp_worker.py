@@ -36,7 +36,7 @@ class Meter:
 
     def on_train_end(self, result):
         self.optimizer_bytes = fsdp.optimizer_state_bytes(self.optimizer)
-        self.param_bytes = fsdp.local_bytes(self.model.parameters())
+        self.param_bytes = fsdp.weight_bytes(self.model)
 
 
 def equality_config(**kw) -> accumlab.TrainConfig:

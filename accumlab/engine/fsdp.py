@@ -122,6 +122,39 @@ def local_bytes(tensors) -> int:
     return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
+def _fsdp_params(model: torch.nn.Module) -> list:
+    """FSDP's record of each sharded parameter (a private structure of FSDP2)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [param for module in model.modules() if isinstance(module, FSDPModule)
+            for group in module._get_fsdp_state()._fsdp_param_groups
+            for param in group.fsdp_params]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights this rank keeps (its shards under FSDP; gathered copies are freed)."""
+    if not is_sharded(model):
+        return local_bytes({id(p): p for p in model.parameters()}.values())
+    return local_bytes(param.sharded_param for param in _fsdp_params(model))
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes of gradient this rank holds now: its `.grad` (shards under FSDP) plus the unsharded
+    gradients that FSDP keeps between backwards whose sync was skipped."""
+    if not is_sharded(model):
+        return local_bytes({id(p): p.grad for p in model.parameters() if p.grad is not None}
+                           .values())
+    total = 0
+    for param in _fsdp_params(model):
+        # between forward and backward a module holds the gathered parameter, not the shard
+        unsharded = getattr(param, "_unsharded_param", None)
+        for grad in (param.sharded_param.grad, param.unsharded_accumulated_grad,
+                     None if unsharded is None else unsharded.grad):
+            if grad is not None:
+                total += local(grad).numel() * local(grad).element_size()
+    return total
+
+
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Name -> the whole parameter, on every rank (a collective: call it on all ranks).
 
