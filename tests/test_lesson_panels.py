@@ -74,3 +74,25 @@ def test_underflow_explorer_recomputes_what_fp16_stores():
     assert panel.result["uniform"]["exact"] == 1 / 4096 / 524288
     fig = panel.view.figure
     assert [t.name for t in fig.data][0] == "p / N (exact)" and len(fig.layout.shapes) == 4
+
+
+def test_finetune_panel_trains_on_every_change_and_reports_progress():
+    calls = []
+
+    def train_run(micro, k, lr, callbacks=()):
+        calls.append((micro, k, lr))
+        for c in callbacks:
+            c.on_train_begin({"total_steps": 3})
+            c.on_step_end({"step": 1})
+        steps = 256 // (micro * k)
+        return {"steps": steps, "result": type("R", (), {"history": [
+                    {"step": s, "loss": 1.0 / s} for s in range(1, steps + 1)]})(),
+                "best": {"accuracy": 0.5, "f1": 0.4}}
+
+    panel = lesson_panels.finetune_panel(train_run, micro=32, k=2, lr=2e-3)
+    assert calls == [(32, 2, 2e-3)] and "b × k = <b>64</b>" in panel.readout.value
+    panel.controls["micro"].value = 16
+    assert calls[-1] == (16, 2, 2e-3) and panel.result["steps"] == 8
+    assert len(panel.view.figure.data[0].x) == 8
+    panel.controls["lr"].value = 1e-3
+    assert calls[-1] == (16, 2, 1e-3) and len(calls) == 3

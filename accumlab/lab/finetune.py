@@ -67,6 +67,7 @@ def finetune(
     clip_grad_norm: float | None = 1.0, weight_decay: float = 0.01, metric: str = "accuracy",
     patience: int | None = 2, checkpoint_dir: str | None = None, seed: int = 0,
     pad_token_id: int = 1, device: str = "cpu", progress: bool = False,
+    callbacks: Sequence = (),
 ) -> dict:
     """Fine-tune with dev evaluation every epoch; returns curves and best/test metrics.
 
@@ -74,7 +75,7 @@ def finetune(
     `dev_curve` (one dict per epoch: epoch, step, loss, accuracy, f1), `best` (dev metrics of
     the best epoch by `metric`), `best_step`, `checkpoint` (the folder of the best weights) and
     `test` (metrics of the best weights on `test_data`, or None). The model ends holding the
-    best weights.
+    best weights. `callbacks` go to `accumlab.train` (e.g. a panel's progress line).
     """
     effective = micro_batch_size * accum_steps
     steps_per_epoch = math.ceil(len(train_data) / effective)
@@ -92,7 +93,7 @@ def finetune(
         pad_token_id=pad_token_id, task="classification",
     )
     try:
-        result = train(model, train_data, cfg, eval_data=dev_data)
+        result = train(model, train_data, cfg, eval_data=dev_data, callbacks=callbacks)
         best_dir = Path(checkpoint_dir) / "best"
         load_weights(best_dir, model)
         test = None

@@ -24,16 +24,21 @@ from accumlab.ui.panel import Panel, dropdown, slider
 
 class _TrainingStatus:
     """A training callback that writes the step and held-out loss into a panel's status line,
-    so that a pick that has to train says what it is doing."""
+    so that a change that has to train says what it is doing and why it takes a while."""
 
-    def __init__(self, status: W.HTML, what: str):
-        self.status, self.what = status, what
+    def __init__(self, status: W.HTML, what: str,
+                 why: str = "not run above, so a fresh model trains now, a few seconds"):
+        self.status, self.what, self.why = status, what, why
+        self.total: int | None = None
+
+    def on_train_begin(self, info: dict) -> None:
+        self.total = info.get("total_steps")
 
     def on_step_end(self, entry: dict) -> None:
         held_out = f", held-out loss {entry['eval']['loss']:.2f}" if "eval" in entry else ""
-        self.status.value = (f"<i>training {html.escape(self.what)} (not run above, so a fresh "
-                             f"model trains now, a few seconds): step {entry['step']}"
-                             f"{held_out}…</i>")
+        of = f" of {self.total}" if self.total else ""
+        self.status.value = (f"<i>training {html.escape(self.what)} ({html.escape(self.why)}): "
+                             f"step {entry['step']}{of}{held_out}…</i>")
 
 
 def batch_picker_panel(train_run: Callable[..., dict], batches: Sequence[int],
@@ -92,6 +97,45 @@ def batch_picker_panel(train_run: Callable[..., dict], batches: Sequence[int],
             fig.add_hline(y=target_loss, line_dash="dash", line_color="black",
                           annotation_text="target", annotation_position="top right")
         return fig
+
+    panel = Panel(controls, compute, describe, render, run=False, **kwargs)
+    holder["panel"] = panel
+    panel.refresh()
+    return panel
+
+
+# ---------------------------------------------------------------- 11: fine-tuning settings
+
+
+def finetune_panel(train_run: Callable[..., dict], micro: int = 32, k: int = 2,
+                   lr: float = 2e-3, micro_options: Sequence[int] = (4, 8, 16, 32, 64),
+                   k_options: Sequence[int] = (1, 2, 4, 8),
+                   lr_options: Sequence[float] = (5e-4, 1e-3, 2e-3, 4e-3), **kwargs) -> Panel:
+    """Micro-batch b, accumulation steps k and learning rate -> a short fine-tuning run.
+
+    `train_run(micro, k, lr, callbacks=...)` returns `accumlab.lab.finetune.finetune`'s result;
+    every change trains a fresh model, so the status line shows the run's progress.
+    """
+    holder: dict[str, Panel] = {}
+    controls = {"micro": dropdown("micro-batch b", micro_options, micro),
+                "k": dropdown("accumulation steps k", k_options, k),
+                "lr": dropdown("learning rate η", lr_options, lr)}
+
+    def compute(micro, k, lr):
+        status = _TrainingStatus(holder["panel"].status, f"b = {micro} × k = {k}, η = {lr:g}",
+                                 "every change fine-tunes a fresh model, a few seconds")
+        run = train_run(micro, k, lr, callbacks=[status])
+        return {"micro": micro, "k": k, "lr": lr, "steps": run["steps"],
+                "history": run["result"].history, "dev": run["best"]}
+
+    def describe(r):
+        return (f"effective batch b × k = <b>{r['micro'] * r['k']}</b>, {r['steps']} optimizer "
+                f"steps; dev accuracy <b>{r['dev']['accuracy']:.3f}</b>, "
+                f"F1 {r['dev']['f1']:.3f}")
+
+    def render(r):
+        return viz.loss_curves_figure({f"{r['micro']} x {r['k']}": r["history"]},
+                                      title="training loss")
 
     panel = Panel(controls, compute, describe, render, run=False, **kwargs)
     holder["panel"] = panel
@@ -182,4 +226,4 @@ def underflow_panel(vocab: int = 50257, n_tokens: int = 8192, p: float = 1e-5,
     return Panel(controls, compute, describe, _fp16_line, **kwargs)
 
 
-__all__ = ["batch_picker_panel", "underflow_panel", "underflow_result"]
+__all__ = ["batch_picker_panel", "finetune_panel", "underflow_panel", "underflow_result"]
