@@ -1,7 +1,8 @@
 """nbval settings for the notebooks, and the lesson audit.
 
-- CI-sized parameters also when only notebooks are collected (`python -m pytest
-  notebooks/04_bug_hunt.ipynb` does not load tests/conftest.py).
+- Offline settings also when only notebooks are collected (`python -m pytest
+  notebooks/04_bug_hunt.ipynb` does not load tests/conftest.py). The notebooks run at their
+  default sizes: what students run is what CI runs.
 - The graded assignments are checked by tests/test_assignments.py instead: the otter masters
   hold hidden tests and the student versions hold `...` placeholders that do not run, so nbval
   must not collect notebooks/assignments/.
@@ -24,7 +25,6 @@ from notebook_audit import (  # tests/ is on pytest's pythonpath (pyproject.toml
     unbacked_numbers,
 )
 
-os.environ.setdefault("ACCUMLAB_CI", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

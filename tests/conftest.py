@@ -1,8 +1,8 @@
-"""Shared fixtures: offline settings, CI-sized notebook parameters, small random datasets."""
+"""Shared fixtures: offline settings and small random datasets. The notebooks run at their
+default sizes, the sizes students run (tests/test_notebooks.py)."""
 
 import os
 
-os.environ.setdefault("ACCUMLAB_CI", "1")  # notebooks read this in their parameters cell
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -84,7 +84,7 @@ def lab(tmp_path):
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, work / NOTEBOOK)
     _write_settings(tmp_path / "settings")
     port = _free_port()
-    env = dict(os.environ, ACCUMLAB_CI="1", JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
+    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(tmp_path / "cfg"),
                JUPYTER_RUNTIME_DIR=str(tmp_path / "rt"),
                JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
                JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
