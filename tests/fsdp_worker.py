@@ -73,7 +73,9 @@ def main(out: str, mode: str) -> None:
     lm, cls = random_lm_data(48, seed=40), random_cls_data(48, seed=41)
     if mode == "main":
         gpt2 = lambda: make_model("gpt2", "tiny", seed=0, dtype=torch.float64)  # noqa: E731
-        run("gpt2", gpt2(), lm, equality_config(clip_grad_norm=1.0), runs, params)
+        model = gpt2()
+        run("gpt2", model, lm, equality_config(clip_grad_norm=1.0), runs, params)
+        fsdp.save_pretrained(model, f"{out}/gpt2_pretrained")  # gathered, written by rank 0
         run("gpt2_sync_every", gpt2(), lm, equality_config(clip_grad_norm=1.0,
                                                            sync_every_micro_batch=True),
             runs, params)

@@ -81,6 +81,14 @@ def test_gpt2_two_ranks_fsdp_equal_one_process_micro_8(launched):
     assert run["losses"] == pytest.approx(result.losses, rel=1e-12)  # L_W of both ranks
 
 
+def test_a_sharded_model_saved_with_save_pretrained_is_the_whole_trained_model(launched):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(launched["out"] / "gpt2_pretrained",
+                                            dtype=torch.float64)
+    assert torch.equal(params_vector(model), launched["params"]["gpt2"])
+
+
 def test_bert_two_ranks_fsdp_equal_one_process_micro_8(launched):
     run = launched["main"]["runs"]["bert"]
     model = make_model("bert", "tiny", seed=0, dtype=torch.float64, num_labels=3)

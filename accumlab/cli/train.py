@@ -66,8 +66,9 @@ def cmd_train(args) -> int:
 
     from accumlab.data.textclass import LABELS
     from accumlab.data.tokenizer import load_tokenizer
+    from accumlab.engine import fsdp
     from accumlab.engine.checkpoint import CheckpointError
-    from accumlab.engine.distributed import CollectiveError
+    from accumlab.engine.distributed import CollectiveError, is_main_process
     from accumlab.engine.models import load_model, make_model
     from accumlab.engine.trainer import train
 
@@ -97,9 +98,10 @@ def cmd_train(args) -> int:
         result = train(model, train_data, cfg, eval_data=eval_data)
     except (FloatingPointError, torch.OutOfMemoryError, CheckpointError, CollectiveError) as e:
         raise RunStopped(str(e)) from e  # the engine's message says why and what to change
-    if args.save:
-        model.save_pretrained(args.save)
-        tokenizer.save_pretrained(args.save)
+    if args.save:  # rank 0 writes (under FSDP after gathering the shards)
+        fsdp.save_pretrained(model, args.save)
+        if is_main_process():
+            tokenizer.save_pretrained(args.save)
     print(summary_table(result))
     return EXIT_OK
 

@@ -155,6 +155,19 @@ def gradient_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def save_pretrained(model: torch.nn.Module, folder: str) -> None:
+    """`model.save_pretrained(folder)` from rank 0 only; a sharded model's whole weights are
+    gathered first (a collective: call it on every rank)."""
+    state = None
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)  # whole tensors on rank 0 only
+    if distributed.is_main_process():
+        model.save_pretrained(folder, state_dict=state)
+
+
 def full_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Name -> the whole parameter, on every rank (a collective: call it on all ranks).
 
