@@ -185,3 +185,23 @@ def _bf16_forward(model, batch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return model(input_ids=batch["input_ids"],
                      attention_mask=batch["attention_mask"]).logits
+
+
+def test_equivalence_table_script_prints_the_reference_rows(tmp_path):
+    """benchmarks/equivalence_table.py, which regenerates lesson 03's GPU reference, on a CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "equivalence_table.py"
+    out = tmp_path / "table.txt"
+    run = subprocess.run([sys.executable, str(script), "--size", "tiny", "--seq-len", "8",
+                          "--examples", "8", "--k", "2", "--device", "cpu", "--out", str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("CPU, GPT-2 tiny") and "k = 2" in lines[0]
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[2:]}
+    assert list(rows) == ["fp32", "bf16", "fp16"]
+    for vs_single, own, ratio in rows.values():
+        assert 0 < vs_single and 0 < own and ratio == pytest.approx(vs_single / own, abs=0.01)
