@@ -49,16 +49,17 @@ def resume_config(out: str, **kw) -> accumlab.TrainConfig:
     return accumlab.TrainConfig(micro_batch_size=2, accum_steps=2, max_steps=4, lr=1e-2,
                                 precision="fp64", progress=False, parallel="fsdp",
                                 schedule="cosine", warmup_steps=2, clip_grad_norm=1.0,
-                                weight_decay=0.1, checkpoint_every=2, checkpoint_dir=out, **kw)
+                                weight_decay=0.1, checkpoint_every=2, checkpoint_dir=out,
+                                eval_every=2, **kw)  # evaluated on every rank; best is linked
 
 
 def resume_model():
     return make_model("gpt2", "tiny", seed=0, dtype=torch.float64, dropout=0.1)
 
 
-def run(name, model, data, cfg, runs, params, **extra):
+def run(name, model, data, cfg, runs, params, eval_data=None, **extra):
     meter = Meter()
-    result = accumlab.train(model, data, cfg, callbacks=[meter])
+    result = accumlab.train(model, data, cfg, eval_data=eval_data, callbacks=[meter])
     params[name] = torch.cat([p.flatten() for p in fsdp.full_parameters(model).values()])
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, [meter.optimizer_bytes, meter.param_bytes])
@@ -71,6 +72,7 @@ def run(name, model, data, cfg, runs, params, **extra):
 def main(out: str, mode: str) -> None:
     runs, params = {}, {}
     lm, cls = random_lm_data(48, seed=40), random_cls_data(48, seed=41)
+    held_out = random_lm_data(6, seed=42)
     if mode == "main":
         gpt2 = lambda: make_model("gpt2", "tiny", seed=0, dtype=torch.float64)  # noqa: E731
         model = gpt2()
@@ -83,16 +85,20 @@ def main(out: str, mode: str) -> None:
             equality_config(precision="bf16"), runs, params)
         bert = make_model("bert", "tiny", seed=0, dtype=torch.float64, num_labels=3)
         run("bert", bert, cls, equality_config(), runs, params)
-        run("uninterrupted", resume_model(), lm, resume_config(f"{out}/uninterrupted"), runs,
-            params)
+        result = run("uninterrupted", resume_model(), lm, resume_config(f"{out}/uninterrupted"),
+                     runs, params, eval_data=held_out)
+        runs["uninterrupted"].update(evals=result.evals, best_step=result.best_step)
     elif mode == "killed":
         def kill(entry):
             if entry["step"] == 3:  # after the checkpoint of step 2, before that of step 4
                 os._exit(9)
-        accumlab.train(resume_model(), lm, resume_config(f"{out}/killed"), callbacks=[kill])
+        accumlab.train(resume_model(), lm, resume_config(f"{out}/killed"), eval_data=held_out,
+                       callbacks=[kill])
     elif mode == "resume":
         result = run("resumed", resume_model(), lm,
-                     resume_config(f"{out}/killed", resume_from="latest"), runs, params)
+                     resume_config(f"{out}/killed", resume_from="latest"), runs, params,
+                     eval_data=held_out)
+        runs["resumed"].update(evals=result.evals, best_step=result.best_step)
         runs["resumed"]["history_steps"] = [e["step"] for e in result.history]
     if dist.get_rank() == 0:
         torch.save(params, f"{out}/{mode}.pt")

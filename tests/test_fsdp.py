@@ -134,12 +134,14 @@ def test_bf16_computes_in_bf16_and_reduces_gradients_in_fp32(launched):
 
 def test_kill_and_resume_from_a_sharded_checkpoint_is_bitwise_the_uninterrupted_run(launched):
     assert launched["latest_after_kill"] == "step-00000002"
-    assert launched["after_kill"] == ["history.jsonl", "latest", "step-00000002"]
+    assert launched["after_kill"] == ["best", "best-00000002", "history.jsonl", "latest",
+                                      "step-00000002"]  # nothing half-written
     resumed, whole = launched["resume"]["runs"]["resumed"], launched["main"]["runs"][
         "uninterrupted"]
     assert torch.equal(launched["params"]["resumed"], launched["params"]["uninterrupted"])
     assert resumed["losses"] == whole["losses"]  # steps 1-2 read back, 3-4 trained again
     assert resumed["history_steps"] == [1, 2, 3, 4]
+    assert resumed["evals"] == whole["evals"] and len(whole["evals"]) == 2  # steps 2 and 4
     assert len(resumed["steps"]) == 2  # only steps 3 and 4 ran after the resume
 
 
@@ -155,6 +157,15 @@ def test_consolidated_checkpoint_is_the_whole_model_and_loads_with_from_pretrain
     folder = export_pretrained(ckpt, tmp_path / "pretrained")
     again = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float64)
     assert torch.equal(params_vector(again), params_vector(model))
+
+
+def test_the_best_checkpoint_is_a_sharded_checkpoint_behind_a_link(launched):
+    whole = launched["main"]["runs"]["uninterrupted"]
+    best = launched["out"] / "uninterrupted" / "best"
+    assert best.is_symlink() and is_sharded_checkpoint(best)
+    state = json.loads((best / "state.json").read_text())
+    assert state["step"] == whole["best_step"] and state["world_size"] == 2
+    load_consolidated(best)  # intact and whole
 
 
 def test_a_damaged_shard_is_refused(launched, tmp_path):
