@@ -231,16 +231,17 @@ def trade_off(n_params: float, ranks: int, k: int) -> list[dict]:
     the float32 gradients, 2(R-1)/R x 4N. FSDP (bf16 compute, float32 reduction): 16N/R kept;
     every micro-batch all-gathers the bf16 weights twice (forward, and again in the backward),
     2k x (R-1)/R x 2N; the float32 gradient is reduce-scattered once, (R-1)/R x 4N, while
-    each rank holds the whole accumulated float32 gradient, 4N, between micro-batches; or k
-    times, with no such buffer. Activations, workspace and the one unsharded block in flight
-    are left out.
+    between micro-batches each rank holds the whole accumulated float32 gradient, 4N, beside
+    its shards of weights and moments, 12N/R (the gradient's shard exists only after the
+    reduce-scatter); or k times, with no such buffer. Activations, workspace and the one
+    unsharded block in flight are left out.
     """
     n, share = float(n_params), (ranks - 1) / ranks
     sharded = 16 * n / ranks
     gathers = 2 * k * share * 2 * n
     return [
         {"setup": "DDP", "memory": 16 * n, "sent": 2 * share * 4 * n},
-        {"setup": "FSDP, sync skipped", "memory": sharded + (4 * n if k > 1 else 0),
+        {"setup": "FSDP, sync skipped", "memory": 12 * n / ranks + 4 * n if k > 1 else sharded,
          "sent": gathers + share * 4 * n},
         {"setup": "FSDP, sync every micro-batch", "memory": sharded,
          "sent": gathers + k * share * 4 * n},
