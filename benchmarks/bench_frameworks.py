@@ -18,6 +18,7 @@ resident-memory peak can't be split between sides that run in one process).
     python benchmarks/bench_frameworks.py --compile         # also accumlab and the loop compiled
     python benchmarks/bench_frameworks.py --cpu-ci          # tiny CPU run, a few seconds
     python benchmarks/bench_frameworks.py --size mini --seq 128 --micro 4 --accum 4 --steps 5
+    python benchmarks/bench_frameworks.py --compile --sweep 64x1,32x2,16x4,8x8   # + targets
 
 The table and the records are also written as JSON (`--json PATH`, default
 `$OUT/bench_frameworks.json` when OUT is set, else `bench_frameworks.json`) after every run, so
@@ -45,6 +46,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", f"/tmp/accumlab-inductor-{os.getuid()}")
 
+import bench_targets  # noqa: E402  (beside this script)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -79,6 +81,7 @@ class Spec:
     precision: str
     device: str
     lr: float = LR
+    backend: str = "inductor"  # torch.compile backend of the compiled sides
 
     @property
     def total_steps(self) -> int:
@@ -132,6 +135,9 @@ def run_accumlab(spec: Spec, model, data, clock: Clock, compile: bool) -> int:
         precision=spec.precision, shuffle=False, device=spec.device, compile=compile,
         progress=False, seed=0, pad_token_id=PAD_ID,
     )
+    from accumlab.engine import compiled
+
+    compiled.BACKEND = spec.backend
     result = accumlab.train(model, data, cfg, callbacks=[lambda e: clock.step_done(e["step"])])
     return result.steps
 
@@ -175,7 +181,7 @@ def run_plain(spec: Spec, model, data, clock: Clock, compile: bool) -> int:
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0,
                                   fused=True if cuda else None)
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, backend=spec.backend) if compile else model
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if spec.precision == "bf16"
                 else contextlib.nullcontext())
     per_step = spec.micro * spec.accum
@@ -325,6 +331,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="add accumlab and the plain loop under torch.compile")
     p.add_argument("--sides", help=f"comma-separated subset of {','.join(SIDES)}")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default 1)")
+    p.add_argument("--backend", help="torch.compile backend (default inductor; aot_eager for a "
+                   "quick dry run of the compiled sides)")
+    p.add_argument("--sweep", help="micro x k configurations to run after the rounds, e.g. "
+                   "64x1,32x2,16x4,8x8 (see bench_targets.py)")
+    p.add_argument("--sweep-sides", default="accumlab-compile",
+                   help="sides of the sweep (default accumlab-compile)")
+    p.add_argument("--sweep-steps", type=int, help="timed steps per sweep run (default --steps)")
     p.add_argument("--json", help="where to write the JSON results")
     return p.parse_args(argv)
 
@@ -341,7 +354,7 @@ def make_spec(args: argparse.Namespace) -> Spec:
         spec = Spec("mini", seq=128, micro=4, accum=4, warmup=1, steps=4, rounds=3,
                     precision="fp32", device="cpu")
     for name in ("size", "seq", "micro", "accum", "warmup", "steps", "rounds", "precision",
-                 "lr"):
+                 "lr", "backend"):
         if getattr(args, name) is not None:
             setattr(spec, name, getattr(args, name))
     if spec.steps < 1 or spec.warmup < 1 or spec.rounds < 1:
@@ -415,7 +428,19 @@ def main(argv: list[str] | None = None) -> int:
         rep.line(text)
     rep.line("(tokens/s: median over rounds; ratios against the Trainer; final loss: mean token "
              "loss of the trained model on a held-out batch)")
-    return 0 if len(ok) == len(rep.data["runs"]) else 1
+    sweep = []
+    if args.sweep:
+        sweep = bench_targets.run_sweep(
+            bench_targets.parse_sweep(args.sweep), args.sweep_sides.split(","), spec,
+            init_state, probe, rep, run_side, corpus_blocks, flops_tok, peak, args.sweep_steps)
+    if args.compile or args.sweep:
+        rep.data["targets"] = bench_targets.targets(rep.data["sides"], sweep, spec.micro,
+                                                    spec.accum)
+        rep.line()
+        for text in bench_targets.target_lines(rep.data["targets"]):
+            rep.line(text)
+    failed = [r for r in rep.data["runs"] + sweep if "error" in r]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

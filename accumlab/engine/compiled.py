@@ -30,6 +30,7 @@ from accumlab.engine.losses import IGNORE_INDEX, summed_loss
 from accumlab.engine.setup import to_device
 
 LENGTH_MULTIPLE = 8
+MAX_CHUNKS = 16  # the loss's chunks are unrolled in the graph: more would only slow compiling
 BACKEND = "inductor"  # tests swap in a counting backend
 # output layers applied straight to the body's last hidden state, by model class
 PLAIN_HEADS = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -89,6 +90,7 @@ class MicroStep:
             self.chunks = chunks_for(positions, self.head.linear.out_features)
             if chunk_size:
                 self.chunks = max(self.chunks, -(-positions // chunk_size))
+            self.chunks = min(self.chunks, MAX_CHUNKS)
         if compile:
             fn = self._fused_sum if self.head is not None else self._logits_sum
             self._region = torch.compile(fn, backend=BACKEND)
