@@ -139,22 +139,32 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        final = root / name
-        if link and _switch_link(root, name, tmp, meta.get("step")):
-            final = root / name
-        elif final.exists():  # replace an older checkpoint of the same name
-            old = root / f".old-{name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        final = install_folder(root, name, tmp, link=link, step=meta.get("step"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if update_latest:
         _write_atomic_text(root / "latest", name + "\n")
+    return final
+
+
+def install_folder(root: Path, name: str, tmp: Path, *, link: bool, step) -> Path:
+    """Move the finished folder `tmp` into place as `root/name`, never leaving a gap.
+
+    With `link`, `name` becomes a link switched to a new `name-<step>` folder; otherwise an
+    older `name` is renamed away first and deleted after the new one is in place.
+    """
+    final = root / name
+    if link and _switch_link(root, name, tmp, step):
+        pass
+    elif final.exists():  # replace an older checkpoint of the same name
+        old = root / f".old-{name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
     return final
 
 

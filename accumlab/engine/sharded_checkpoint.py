@@ -36,9 +36,9 @@ from accumlab.engine.checkpoint import (
     _json_default,
     _sha256,
     _state_checksum,
-    _switch_link,
     _write_atomic_text,
     check_compatible,
+    install_folder,
     parameter_shapes,
     rng_state,
     set_rng_state,
@@ -168,18 +168,7 @@ def _finish(root: Path, name: str, tmp: Path, model, state, link: bool) -> Path:
             os.fsync(fh.fileno())
     _fsync_dir(tmp / DCP_DIR)
     _fsync_dir(tmp)
-    final = root / name
-    if link and _switch_link(root, name, tmp, meta.get("step")):
-        pass
-    elif final.exists():
-        old = root / f".old-{name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
-    return final
+    return install_folder(root, name, tmp, link=link, step=meta.get("step"))
 
 
 def read_sharded_state(path: str | os.PathLike) -> dict:

@@ -16,19 +16,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from accumlab.engine.config import TrainConfig
 from accumlab.engine.models import count_parameters, make_model
+from accumlab.lab.torchrun import launch_workers, save_report
 
-RESULTS = "parallel_lab.json"
 MAX_LENGTH = 32  # tokens per training example: tiny, so process start dominates
 
 
@@ -89,7 +85,6 @@ class CommCounter:
 def worker(out_dir: str, micro: int, ks: Sequence[int], steps: int) -> None:
     """Body of every rank: one training run per experiment, results written by rank 0."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     from accumlab.engine import distributed
     from accumlab.engine.trainer import train
@@ -114,9 +109,7 @@ def worker(out_dir: str, micro: int, ks: Sequence[int], steps: int) -> None:
         summary = {"world": world, "micro": micro, "ks": list(ks), "steps": steps,
                    "n_params": count_parameters(model), "grad_bytes": param_bytes,
                    "runs": runs}
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(Path(out_dir) / "parallel_lab.safetensors"))
-        (Path(out_dir) / RESULTS).write_text(json.dumps(summary, indent=1) + "\n")
+        save_report(out_dir, "parallel_lab", summary, tensors)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -129,20 +122,9 @@ def launch(out_dir: str, nproc: int = 2, micro: int = 2, ks: Sequence[int] = (1,
     each with per-step `all_reduces`, `bytes`, `items`, `loss`) and `params` (final parameter
     vectors by run name).
     """
-    from safetensors.torch import load_file
-
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "accumlab.lab.parallel_lab", "--out", str(out_dir),
-           "--micro", str(micro), "--ks", ",".join(map(str, ks)), "--steps", str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads((Path(out_dir) / RESULTS).read_text())
-    report["params"] = load_file(str(Path(out_dir) / "parallel_lab.safetensors"))
-    return report
+    args = ["--micro", str(micro), "--ks", ",".join(map(str, ks)), "--steps", str(steps)]
+    return launch_workers("accumlab.lab.parallel_lab", "parallel_lab", out_dir, nproc, args,
+                          timeout)
 
 
 def single_process(ranks: int, micro: int, accum_steps: int, steps: int) -> dict:

@@ -21,19 +21,15 @@ stages 1-3, and bytes each rank sends per window under DDP and FSDP (`trade_off`
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
 from accumlab.engine import fsdp
 from accumlab.engine.config import TrainConfig
 from accumlab.engine.models import count_parameters, make_model
+from accumlab.lab.torchrun import launch_workers, save_report
 
-RESULTS = "sharding_lab.json"
 MAX_LENGTH = 32  # tokens per example: tiny, so process start dominates
 RUNS = {"ddp": {"parallel": "ddp"}, "fsdp": {"parallel": "fsdp"},
         "fsdp_sync_every": {"parallel": "fsdp", "sync_every_micro_batch": True}}
@@ -106,7 +102,6 @@ class ShardMeter:
 def worker(out_dir: str, micro: int, k: int, steps: int) -> None:
     """Body of every rank: the three runs, every rank's numbers gathered on rank 0."""
     import torch.distributed as dist
-    from safetensors.torch import save_file
 
     from accumlab.engine import distributed
     from accumlab.engine.trainer import train
@@ -133,9 +128,7 @@ def worker(out_dir: str, micro: int, k: int, steps: int) -> None:
                    "n_params": count_parameters(model), "param_bytes": param_bytes,
                    "block_bytes": fsdp.local_bytes(p for b in blocks for p in b.parameters()),
                    "runs": runs}
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(Path(out_dir) / "sharding_lab.safetensors"))
-        (Path(out_dir) / RESULTS).write_text(json.dumps(summary, indent=1) + "\n")
+        save_report(out_dir, "sharding_lab", summary, tensors)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -144,20 +137,8 @@ def launch(out_dir: str, nproc: int = 2, micro: int = 2, k: int = 4, steps: int 
            timeout: float = 600) -> dict:
     """Run the three trainings in `nproc` CPU processes under torchrun; returns rank 0's report:
     `runs[name]` is a list with one summary per rank, `params[name]` the final parameters."""
-    from safetensors.torch import load_file
-
-    repo = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "accumlab.lab.sharding_lab", "--out", str(out_dir),
-           "--micro", str(micro), "--k", str(k), "--steps", str(steps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"torchrun failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads((Path(out_dir) / RESULTS).read_text())
-    report["params"] = load_file(str(Path(out_dir) / "sharding_lab.safetensors"))
-    return report
+    return launch_workers("accumlab.lab.sharding_lab", "sharding_lab", out_dir, nproc,
+                          ["--micro", str(micro), "--k", str(k), "--steps", str(steps)], timeout)
 
 
 def memory_table(report: dict) -> list[dict]:
