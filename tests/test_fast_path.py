@@ -184,6 +184,28 @@ def test_peak_memory_of_the_fused_loss_stays_below_one_copy_of_the_logits():
     assert peaks["fused"] < logits_bytes / 2, peaks  # one chunk at a time (+ grad of w)
 
 
+def test_compiled_micro_step_peak_stays_below_one_copy_of_the_logits():
+    """Under inductor (the real compiler), forward + backward of a whole micro-batch: the peak
+    of live tensors, model activations included, is below one float32 copy of its logits.
+    Measured: 29.6 MiB against 63.8 MiB (the compiled unfused loss: 138 MiB)."""
+    from accumlab.lab.memory.measure import peak_of_memory_events, quiet_stderr
+
+    torch._dynamo.reset()
+    vocab, rows, length = 8192, 8, 256
+    model = make_model("gpt2", "tiny", n_layer=1, vocab_size=vocab, max_positions=length)
+    ids = torch.randint(2, vocab, (rows, length), generator=torch.Generator().manual_seed(0))
+    step = compiled.MicroStep(model, model, "causal_lm", contextlib.nullcontext, compile=True,
+                              rows=rows, max_length=length)
+    step.chunks = 8
+    region = torch.compile(step._fused_sum, backend="inductor")
+    for _ in range(2):  # the first call compiles
+        model.zero_grad(set_to_none=True)
+        with quiet_stderr(), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            region({"input_ids": ids}, ids).backward()
+    assert peak_of_memory_events(prof) < rows * (length - 1) * vocab * 4
+
+
 def test_chunks_keep_one_chunk_of_float32_logits_under_the_budget():
     assert chunks_for(16 * 1024, 50257) == 13  # GPT-2 small, 16 x 1024: chunks of 1261
     assert chunks_for(10, 512) == 1
