@@ -54,7 +54,7 @@ MEANING = {
     "shuffle": "shuffle the training data every epoch",
     "seed": "random seed (model initialisation, shuffling, dropout)",
     "device": "auto = a CUDA GPU when one is visible, else the CPU",
-    "compile": "torch.compile the model",
+    "compile": "one compiled region per micro-batch: model, output layer and loss (fused)",
     "task": "auto = from the model class",
     "eval_every": "evaluate every N optimizer steps, or 'epoch'; none = at the end only",
     "eval_batch_size": "examples per evaluation batch; none = the micro-batch size",

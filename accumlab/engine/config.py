@@ -56,7 +56,7 @@ class TrainConfig:
     shuffle: bool = True
     seed: int = 0
     device: str = "auto"
-    compile: bool = False
+    compile: bool = False  # one compiled graph per micro-batch (accumlab.engine.compiled)
     task: str = "auto"
     eval_every: int | str | None = None  # optimizer steps, or "epoch"
     eval_batch_size: int | None = None
