@@ -12,7 +12,7 @@
 # targets.txt), copied to $OUT when it is set (a device machine sends back only $OUT).
 # Every Python command runs through benchmarks/bare.py, which hides ipywidgets, plotly and pandas:
 # the device machine has torch and transformers but no notebook packages. From the repo root:
-#   bash benchmarks/gpu_checks.sh          # on a GPU machine (tests 110 s + bench 330 s at most)
+#   bash benchmarks/gpu_checks.sh          # on a GPU machine (tests 120 s + bench 320 s at most)
 #   bash benchmarks/gpu_checks.sh --dry    # on a CPU: the same commands at toy sizes (~4 min,
 #                                          # aot_eager; DRY_BACKEND=inductor compiles for real)
 # The Trainer side needs accelerate (+ psutil). A device without them can be given the venv's
@@ -44,19 +44,24 @@ if [ $DRY = 1 ]; then
            --precision fp32 --backend ${DRY_BACKEND:-aot_eager} --sweep 8x1,4x2,2x4,1x8"
 else
     nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$RES/gpu.txt"
-    T_TESTS=110; T_BENCH=330
+    T_TESTS=120; T_BENCH=320
     BENCH="--sweep 64x1,16x4,32x2,8x8 --sweep-steps 5"
 fi
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$RES/gpu.txt"
 
-timeout $T_TESTS $PY -m pytest -o addopts="" -q -rs -p no:cacheprovider tests/test_gpu.py \
-    tests/test_fast_path.py tests/test_memory.py tests/test_planner.py -k "cuda or gpu" 2>&1 \
-    | tail -30 | tee "$RES/tests.txt"
+# -v: a timeout still leaves the name and outcome of every test that finished
+timeout $T_TESTS $PY -m pytest -o addopts="" -v -rs -p no:cacheprovider tests/test_gpu.py \
+    tests/test_fast_path.py tests/test_memory.py tests/test_planner.py -k "cuda or gpu" \
+    > "$RES/tests.txt" 2>&1
+echo "== tests exit $? (124: timed out)" | tee -a "$RES/tests.txt"
+grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E " "$RES/tests.txt" | tail -40
 # shellcheck disable=SC2086  # BENCH is a list of words
 timeout $T_BENCH $PY benchmarks/bench_frameworks.py --compile --sides "$SIDES" $BENCH \
-    --json "$RES/bench_frameworks.json" 2>&1 | tail -40 | tee "$RES/bench.txt"
-echo "== bench exit ${PIPESTATUS[0]} (124: timed out; the table below holds what finished)"
+    --json "$RES/bench_frameworks.json" > "$RES/bench.txt" 2>&1
+echo "== bench exit $? (124: timed out; the table below holds what finished)" \
+    | tee -a "$RES/bench.txt"
+grep -v "Warning\|warn(" "$RES/bench.txt" | tail -40
 timeout 60 $PY benchmarks/bench_targets.py "$RES/bench_frameworks.json" 2>&1 \
     | tee "$RES/targets.txt"
 if [ -n "${OUT:-}" ]; then
