@@ -62,6 +62,7 @@ timeout $T_BENCH $PY benchmarks/bench_frameworks.py --compile --sides "$SIDES" $
 echo "== bench exit $? (124: timed out; the table below holds what finished)" \
     | tee -a "$RES/bench.txt"
 grep -v "Warning\|warn(" "$RES/bench.txt" | tail -40
+echo "== table and targets recomputed from $RES/bench_frameworks.json"
 timeout 60 $PY benchmarks/bench_targets.py "$RES/bench_frameworks.json" 2>&1 \
     | tee "$RES/targets.txt"
 if [ -n "${OUT:-}" ]; then
