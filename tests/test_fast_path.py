@@ -291,10 +291,11 @@ def _packed_data():
     return pack_documents(random_lm_data(40, seed=1, min_len=3, max_len=20, vocab=512), 32)
 
 
-@pytest.mark.parametrize("case", ["packed", "classification", "samples", "masked_lm"])
+@pytest.mark.parametrize("case", ["packed", "classification", "samples", "masked_lm", "llama"])
 def test_compiled_training_equals_eager_in_float64_for_every_kind_of_data(case):
     """Packed rows (4-D mask, position_ids), BERT classification (the logits path), samples
-    normalisation (the logits path) and masked LM (the fused path): one graph, same weights."""
+    normalisation (the logits path), masked LM and a Llama-style model (the fused path), with
+    varying lengths, a short micro-batch and a short window: one graph, the same weights."""
     build, data, extra = {
         "packed": (BUILDERS["gpt2"], _packed_data(), {}),
         "classification": (lambda: make_model("bert", "tiny", num_hidden_layers=1,
@@ -303,6 +304,7 @@ def test_compiled_training_equals_eager_in_float64_for_every_kind_of_data(case):
                                                      vocab=512),
                     {"loss_normalization": "samples"}),
         "masked_lm": (BUILDERS["bert_mlm"], _mlm_data(23, 4), {}),
+        "llama": (_llama, random_lm_data(23, seed=5, min_len=5, max_len=30, vocab=512), {}),
     }[case]
     finals = []
     for compile in (True, False):
