@@ -2,10 +2,9 @@
 
     python benchmarks/notebook_resources.py                      # every notebooks/NN_*.ipynb
     python benchmarks/notebook_resources.py 03 07                # only these (name prefixes)
-    python benchmarks/notebook_resources.py --ci                 # at CI sizes (ACCUMLAB_CI=1)
 
-Each notebook runs in a fresh kernel through nbclient with the notebook's own default parameters
-(ACCUMLAB_CI is removed from the kernel's environment unless --ci). A cell that runs longer than
+Each notebook runs in a fresh kernel through nbclient with the notebook's own default parameters,
+which are also what CI runs (no notebook shrinks for CI). A cell that runs longer than
 --timeout seconds (default 900) is reported as an error, so that one stuck kernel cannot hold up
 the whole run (once, under heavy load, a run waited on an idle kernel for 9 minutes).
 For each it reports:
@@ -85,13 +84,11 @@ class Sampler(threading.Thread):
                 self.peak = max(self.peak, tree_rss_bytes(self.pid))
 
 
-def run_notebook(path: Path, ci: bool, interval: float, timeout: int | None) -> dict:
+def run_notebook(path: Path, interval: float, timeout: int | None) -> dict:
     """Execute one notebook in a fresh kernel; return its wall time and peak memory."""
     nb = nbformat.read(path, as_version=4)
-    env = {k: v for k, v in os.environ.items() if k != "ACCUMLAB_CI"}
+    env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if ci:
-        env["ACCUMLAB_CI"] = "1"
     sampler = Sampler(interval)
     state = {"pid": None, "hwm": 0, "cells": []}
 
@@ -153,7 +150,6 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help="notebook name prefixes (default: all lessons)")
-    parser.add_argument("--ci", action="store_true", help="run at CI sizes (ACCUMLAB_CI=1)")
     parser.add_argument("--interval", type=float, default=0.2,
                         help="seconds between samples of the kernel tree (default 0.2)")
     parser.add_argument("--timeout", type=int, default=900,
@@ -166,10 +162,10 @@ def main(argv=None) -> int:
         paths = [p for p in paths if any(p.stem.startswith(n) for n in args.names)]
     if not paths:
         parser.error(f"no notebook matches {args.names}")
-    report = {"machine": machine(), "ci_sizes": args.ci, "results": []}
+    report = {"machine": machine(), "results": []}
     for path in paths:
         print(f"running {path.name} ...", file=sys.stderr, flush=True)
-        report["results"].append(run_notebook(path, args.ci, args.interval, args.timeout))
+        report["results"].append(run_notebook(path, args.interval, args.timeout))
         report["machine"]["load_average_end"] = os.getloadavg()
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=1) + "\n")
