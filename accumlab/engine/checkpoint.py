@@ -387,13 +387,18 @@ def load_checkpoint(
         raise CheckpointError(f"could not read {path}: {e}") from e
     if optimizer is not None and training["optimizer"] is not None:
         optimizer.load_state_dict(training["optimizer"])
-    if scheduler is not None and training["scheduler"] is not None:
-        scheduler.load_state_dict(training["scheduler"])
-    if scaler is not None and training["scaler"] is not None:
-        scaler.load_state_dict(training["scaler"])
-    if restore_rng:
-        set_rng_state(training["rng"])
+    restore_run_state(training, scheduler, scaler, restore_rng)
     return state
+
+
+def restore_run_state(saved: dict, scheduler, scaler, restore_rng: bool) -> None:
+    """Put back what a checkpoint saved beside the weights: scheduler, scaler and RNG."""
+    if scheduler is not None and saved["scheduler"] is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved["scaler"] is not None:
+        scaler.load_state_dict(saved["scaler"])
+    if restore_rng:
+        set_rng_state(saved["rng"])
 
 
 def load_weights(path: str | os.PathLike, model: torch.nn.Module) -> dict:

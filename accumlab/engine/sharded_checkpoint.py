@@ -40,8 +40,8 @@ from accumlab.engine.checkpoint import (
     check_compatible,
     install_folder,
     parameter_shapes,
+    restore_run_state,
     rng_state,
-    set_rng_state,
 )
 
 FORMAT = "accumlab-sharded-checkpoint-1"
@@ -233,12 +233,7 @@ def load_sharded_checkpoint(path, *, model, optimizer=None, scheduler=None, scal
     else:
         set_state_dict(model, [], model_state_dict=sd["model"], optim_state_dict={})
     own = torch.load(path / _rank_file(distributed.rank()), weights_only=True)
-    if scheduler is not None and own["scheduler"] is not None:
-        scheduler.load_state_dict(own["scheduler"])
-    if scaler is not None and own["scaler"] is not None:
-        scaler.load_state_dict(own["scaler"])
-    if restore_rng:
-        set_rng_state(own["rng"])
+    restore_run_state(own, scheduler, scaler, restore_rng)
     return state
 
 

@@ -1,16 +1,9 @@
-"""The gradient noise scale B_simple = tr(Σ) / |G|² (McCandlish et al. 2018, arXiv:1812.06162).
+"""The true gradient noise scale B_simple = tr(Σ) / |G|², to validate the live estimate.
 
-G is the true (full-data) mean gradient and Σ the per-item covariance of the gradient, so a
-batch of B items gives a mean gradient G_B with E|G_B|² = |G|² + tr(Σ)/B. Two batch sizes give
-two equations and hence unbiased estimates of both unknowns (the paper's appendix A.1):
-
-    |G|²  ≈ (B_big |G_big|² − B_small |G_small|²) / (B_big − B_small)
-    tr(Σ) ≈ (|G_small|² − |G_big|²) / (1/B_small − 1/B_big)
-
-Accumulation has both sizes for free: one micro-batch (small) and the whole window (big).
-The estimator the trainer runs lives in `accumlab.engine.noise`; this module computes the
-truth from per-example gradients (`exact_noise_scale`) and the pairs the estimator takes, to
-validate the estimate on a small problem.
+The two-batch estimator itself, and the math behind it (McCandlish et al. 2018,
+arXiv:1812.06162, appendix A.1), are in `accumlab.engine.noise`. This module computes the
+truth from per-example gradients (`exact_noise_scale`) and the (small, big) pairs the estimator
+takes from one accumulated window (`window_noise_pair`), on a small problem.
 """
 
 from __future__ import annotations
