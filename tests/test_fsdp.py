@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from accumlab.engine.sharded_checkpoint import (
 )
 
 TESTS = Path(__file__).parent
+ABORT = "terminate called without an active exception"
 
 
 def _torchrun(out: Path, mode: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -34,8 +36,16 @@ def _torchrun(out: Path, mode: str, check: bool = True) -> subprocess.CompletedP
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(TESTS / "fsdp_worker.py"), str(out), mode]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0 and ABORT in proc.stderr:
+        # Seen once in about 20 launches, in a clean CI run only: a rank aborted in C++
+        # ("terminate called without an active exception", SIGABRT) and could not be reproduced
+        # in 16 further launches. Retry that one failure once, saying so; any other failure,
+        # or the same one twice, fails the test.
+        warnings.warn(f"torchrun {mode}: a rank aborted in C++ (SIGABRT); launching once more",
+                      stacklevel=2)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stderr[:3000] + "\n...\n" + proc.stderr[-3000:]
     return proc
 
 
