@@ -3,8 +3,8 @@
     for epoch ...:
         for window in engine.windows(micro_batches):        # k micro-batches, N items
             for batch in window:                            # no_sync for the first k-1
-                with autocast: logits = model(**inputs).logits
-                window.backward(window.loss(logits, labels)) # sum of item losses / N
+                window.backward(micro_step(window, inputs, labels))
+                # = autocast forward + sum of item losses / N (one compiled region if compile)
             record = window.step()                          # clip, step, schedule: once
             log, evaluate, checkpoint
 """
